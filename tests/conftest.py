@@ -1,0 +1,34 @@
+"""Shared fixtures: tiny HF models built at run time, the embedded SmolLM2, a test-only home dir."""
+
+from __future__ import annotations
+
+import os
+import pathlib
+
+# Before jax is imported anywhere: keep the suite's caches out of the user's home, but stable
+# across runs, so reruns reuse the converted SmolLM2 and the XLA compilation cache.
+REPO = pathlib.Path(__file__).resolve().parents[1]
+os.environ.setdefault("JAXINFER_HOME", str(REPO / ".test-home"))
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def smollm2_gguf() -> str:
+    from converters.convert import embedded_model_gguf
+
+    return embedded_model_gguf()  # raises with the install command if the package is missing
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir() -> str:
+    """The embedded SmolLM2, converted once into $JAXINFER_HOME."""
+    from converters.convert import embedded_model_path
+
+    return embedded_model_path(progress=False)
+
+
+@pytest.fixture(scope="session")
+def smollm2_tokenizer_dir(smollm2_dir) -> str:
+    """A directory holding only SmolLM2's tokenizer files (with its chat template)."""
+    return smollm2_dir
