@@ -75,6 +75,9 @@ def paged_attention_reference(
       ``[batch, q_len, heads, head_dim]`` in q's dtype; softmax is computed in float32.
     """
     _validate(q, k_pages, v_pages, block_tables, seq_lens, q_positions)
+    q, k_pages, v_pages, block_tables, seq_lens, q_positions = map(
+        jnp.asarray, (q, k_pages, v_pages, block_tables, seq_lens, q_positions)
+    )
     batch, q_len, heads, head_dim = q.shape
     page_size, kv_heads = k_pages.shape[1], k_pages.shape[2]
     group = heads // kv_heads

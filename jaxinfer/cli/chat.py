@@ -58,8 +58,8 @@ class ChatSession:
                 for out in self.engine.step():
                     new = out.outputs[0].text
                     if len(new) > len(text):
-                        yield new[len(text):]
-                        text = new
+                        delta, text = new[len(text):], new
+                        yield delta
         finally:
             self.engine.abort_request(request_id)  # a no-op unless interrupted; what was said stays
             self.turns += [{"role": "user", "content": user}, {"role": "assistant", "content": text}]
