@@ -1,0 +1,168 @@
+"""The engine on a tiny random Llama: buckets and compilation, donation, stops, preemption,
+prefix caching, batching, and the page-leak invariant after every test."""
+
+import dataclasses
+
+import numpy as np
+import pytest
+from tiny_models import build_tiny
+
+from converters.loader import load_model
+from jaxinfer import LLM, SamplingParams
+from jaxinfer.compilation import compilation_count
+
+GREEDY = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
+SMALL = dict(max_batch_size=4, max_prefill_tokens=32, cache_block_seq_len=16, cache_max_entry_count=128)
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    path = tmp_path_factory.mktemp("tiny_llama")
+    build_tiny("llama", str(path))
+    return load_model(str(path))
+
+
+@pytest.fixture(scope="module")
+def llm(tiny):
+    return LLM(tiny, progress=False, **SMALL)
+
+
+@pytest.fixture(autouse=True)
+def no_leaked_pages(request):
+    yield
+    for name in request.fixturenames:
+        value = request.getfixturevalue(name)
+        if isinstance(value, LLM):
+            assert not value.engine.has_unfinished_requests()
+            value.engine.block_manager.check_no_leaks()
+
+
+def prompts(n, seed=0, lo=1, hi=70):
+    rng = np.random.default_rng(seed)
+    return [rng.integers(3, 256, size=int(rng.integers(lo, hi))).tolist() for _ in range(n)]
+
+
+def texts(outs):
+    return [o.outputs[0].token_ids for o in outs]
+
+
+def test_serving_after_warmup_compiles_nothing(llm):
+    before = compilation_count()
+    rng = np.random.default_rng(1)
+    params = [
+        SamplingParams(temperature=float(rng.choice([0, 0.7, 1.2])), top_k=int(rng.choice([0, 5])),
+                       top_p=float(rng.choice([1.0, 0.9])), max_tokens=int(rng.integers(1, 30)), ignore_eos=True)
+        for _ in range(12)
+    ]
+    outs = llm.generate(prompts(12, seed=1), params)
+    assert [len(o.outputs[0].token_ids) for o in outs] == [p.max_tokens for p in params]
+    assert compilation_count() == before
+
+
+def test_cache_buffers_are_donated(llm):
+    old = llm.engine.runner.cache
+    llm.generate([[5, 6, 7]], SamplingParams(temperature=0, max_tokens=2))
+    assert all(a.is_deleted() for a in old.k + old.v)
+    assert not any(a.is_deleted() for a in llm.engine.runner.cache.k)
+
+
+def test_batch_of_mixed_requests_equals_each_alone(llm):
+    ps = prompts(6, seed=2)
+    batched = texts(llm.generate(ps, GREEDY))
+    alone = [texts(llm.generate([p], GREEDY))[0] for p in ps]
+    assert batched == alone
+
+
+def test_seeded_sampling_is_reproducible_in_any_batch(llm):
+    p = SamplingParams(temperature=1.0, top_p=0.9, seed=1234, max_tokens=16, ignore_eos=True)
+    alone = texts(llm.generate([[9, 8, 7, 6]], p))[0]
+    mixed = texts(llm.generate([[1, 2, 3], [9, 8, 7, 6], [4] * 40], [GREEDY, p, GREEDY]))[1]
+    assert alone == mixed
+    unseeded = [texts(llm.generate([[9, 8, 7, 6]], dataclasses.replace(p, seed=None)))[0] for _ in range(3)]
+    assert any(u != alone for u in unseeded)
+
+
+def test_max_tokens_and_stop_token_ids(llm):
+    free = texts(llm.generate([[10, 11, 12]], GREEDY))[0]
+    out = llm.generate([[10, 11, 12]], dataclasses.replace(GREEDY, max_tokens=5))[0].outputs[0]
+    assert out.token_ids == free[:5] and out.finish_reason == "length"
+    stop = free[6]
+    out = llm.generate([[10, 11, 12]], dataclasses.replace(GREEDY, stop_token_ids=[stop]))[0].outputs[0]
+    first = free.index(stop)
+    assert out.token_ids == free[: first + 1] and out.finish_reason == "stop"
+
+
+def test_eos_stops_unless_ignored(tiny):
+    probe = LLM(tiny, warmup=False, **SMALL)
+    free = texts(probe.generate([[10, 11, 12]], GREEDY))[0]
+    eos = free[4]
+    with_eos = dataclasses.replace(tiny, config=dataclasses.replace(tiny.config, eos_token_ids=(eos,)))
+    llm = LLM(with_eos, warmup=False, **SMALL)
+    out = llm.generate([[10, 11, 12]], dataclasses.replace(GREEDY, ignore_eos=False))[0].outputs[0]
+    assert out.token_ids == free[: free.index(eos) + 1] and out.finish_reason == "stop"
+    out = llm.generate([[10, 11, 12]], GREEDY)[0].outputs[0]
+    assert out.token_ids == free and out.finish_reason == "length"
+    llm.engine.block_manager.check_no_leaks()
+
+
+def test_requests_that_can_never_run_are_refused(tiny):
+    llm = LLM(tiny, warmup=False, session_len=64, **{**SMALL, "cache_max_entry_count": 3})
+    with pytest.raises(ValueError, match="exceeds the session length"):
+        llm.generate([[1] * 60], SamplingParams(max_tokens=10))
+    with pytest.raises(ValueError, match="can never fit in the KV cache"):
+        llm.generate([[1] * 40], SamplingParams(max_tokens=20))
+    with pytest.raises(ValueError, match="empty"):
+        llm.generate([[]])
+    with pytest.raises(ValueError, match=r"token ids must be in \[0, 256\)"):
+        llm.generate([[1, 999]])
+    assert not llm.engine.has_unfinished_requests()
+    llm.engine.block_manager.check_no_leaks()
+
+
+def test_preemption_recomputes_and_changes_nothing(tiny, llm):
+    ps = prompts(4, seed=3, lo=20, hi=40)
+    params = [GREEDY, SamplingParams(temperature=0.9, seed=7, max_tokens=24, ignore_eos=True), GREEDY, GREEDY]
+    roomy = texts(llm.generate(ps, params))
+    # 4 sequences of up to ~64 tokens in 10 pages of 16 tokens: they cannot all stay resident.
+    tight = LLM(tiny, warmup=False, **{**SMALL, "cache_max_entry_count": 10})
+    got = texts(tight.generate(ps, params))
+    assert tight.engine.stats.preemptions > 0
+    assert got == roomy
+    tight.engine.block_manager.check_no_leaks()
+
+
+def test_prefix_caching_prefills_only_new_tokens(tiny):
+    llm = LLM(tiny, warmup=False, enable_prefix_caching=True, **SMALL)
+    first = prompts(1, seed=4, lo=50, hi=51)[0]
+    reply = texts(llm.generate([first], GREEDY))[0]
+    follow_up = first + reply + [17, 18, 19, 20, 21]
+    before = llm.engine.stats.prefill_tokens
+    out = llm.generate([follow_up], GREEDY)[0]
+    prefilled = llm.engine.stats.prefill_tokens - before
+    page = SMALL["cache_block_seq_len"]
+    assert out.num_cached_tokens == (len(first) + len(reply) - 1) // page * page
+    assert prefilled == len(follow_up) - out.num_cached_tokens
+    assert prefilled < page + 5 + page  # at most the partial pages of the old turn + the new tokens
+    plain = LLM(tiny, warmup=False, **SMALL)
+    assert texts(plain.generate([follow_up], GREEDY)) == [out.outputs[0].token_ids]
+    llm.engine.block_manager.check_no_leaks()
+    plain.engine.block_manager.check_no_leaks()
+
+
+def test_abort_frees_pages(llm):
+    engine = llm.engine
+    engine.add_request("a", list(range(3, 40)), SamplingParams(max_tokens=50, ignore_eos=True))
+    engine.step()
+    assert engine.block_manager.num_used_pages > 0
+    out = engine.abort_request("a")
+    assert out.finished and out.outputs[0].finish_reason == "abort"
+    assert engine.block_manager.num_used_pages == 0
+
+
+def test_generate_api_shapes(llm):
+    one = llm.generate([5, 6, 7], SamplingParams(temperature=0, max_tokens=3))
+    assert len(one) == 1 and len(one[0].outputs[0].token_ids) == 3
+    with pytest.raises(ValueError, match="2 sampling params for 3 prompts"):
+        llm.generate([[1], [2], [3]], [GREEDY, GREEDY])
+    with pytest.raises(ValueError, match="no tokenizer"):
+        llm.generate("hello")
