@@ -63,7 +63,7 @@ class GGUFCheckpoint:
         try:
             self._reader = gguf.GGUFReader(self.path)
         except Exception as e:  # the reader fails in many ways on truncated/corrupt files
-            raise CheckpointError(self.path, f"not a readable GGUF file ({type(e).__name__}: {e})") from None
+            raise CheckpointError(self.path, f"truncated or corrupt GGUF file ({type(e).__name__}: {e})") from None
         size = os.path.getsize(self.path)
         self._tensors = {}
         for t in self._reader.tensors:
@@ -136,8 +136,12 @@ class GGUFCheckpoint:
         return w
 
     def hf_tokenizer(self):
-        """The HF tokenizer (with its chat template) rebuilt from the GGUF metadata."""
+        """The HF tokenizer (with its chat template) rebuilt from the GGUF metadata, or None if
+        the file carries no tokenizer."""
         from transformers import AutoTokenizer
+
+        if self._field("tokenizer.ggml.model") is None:
+            return None
 
         directory, filename = os.path.split(os.path.abspath(self.path))
         try:
