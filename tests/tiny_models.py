@@ -51,10 +51,12 @@ def build_tiny(family: str, out_dir: str, seed: int = 0, tokenizer_dir: str | No
     torch.manual_seed(seed)
     config = getattr(transformers, config_cls)(**kwargs)
     model = getattr(transformers, model_cls)(config).eval()
-    with torch.no_grad():  # HF initializes norms to ones: randomize them so a wrong norm shows
-        for name, p in model.named_parameters():
+    with torch.no_grad():  # HF initializes norms to ones and biases to zeros: randomize both so
+        for name, p in model.named_parameters():  # that a wrong norm or a dropped bias shows
             if "norm" in name:
                 p.copy_(1 + 0.1 * torch.randn_like(p))
+            elif name.endswith(".bias"):
+                p.copy_(0.1 * torch.randn_like(p))
     model.save_pretrained(out_dir)
     if tokenizer_dir:
         for f in os.listdir(tokenizer_dir):
