@@ -5,6 +5,7 @@ import select
 import signal
 import subprocess
 import sys
+import threading
 import time
 
 import pytest
@@ -65,6 +66,19 @@ def test_interrupted_reply_is_aborted_and_kept(session_parts):
     engine.block_manager.check_no_leaks()
     assert session.turns[-1] == {"role": "assistant", "content": said}
     assert "".join(session.reply("Again?"))  # the session goes on
+
+
+def test_stop_event_ends_the_reply_at_a_step_boundary(session_parts):
+    engine, tokenizer = session_parts
+    session = ChatSession(engine, tokenizer, SamplingParams(temperature=0, max_tokens=500))
+    stop = threading.Event()
+    said = ""
+    for delta in session.reply("Count to a thousand.", stop):
+        said += delta
+        stop.set()
+    assert said and session.turns[-1] == {"role": "assistant", "content": said}
+    assert not engine.has_unfinished_requests()
+    engine.block_manager.check_no_leaks()
 
 
 def test_scripted_stdin_one_turn_per_line(chat_model):

@@ -8,8 +8,11 @@ prefills the tokens its full pages do not already hold.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
+import signal
 import sys
+import threading
 from typing import Iterator
 
 from jaxinfer.engine import LLMEngine
@@ -48,13 +51,16 @@ class ChatSession:
             )
         return ids
 
-    def reply(self, user: str) -> Iterator[str]:
-        """Stream text deltas of the reply to ``user``; the exchange joins the history when done."""
+    def reply(self, user: str, stop: threading.Event | None = None) -> Iterator[str]:
+        """Stream text deltas of the reply to ``user``; the exchange joins the history when done.
+
+        Setting ``stop`` ends the reply at the next step boundary (what Ctrl-C does).
+        """
         request_id = f"chat-{next(self._ids)}"
         self.engine.add_request(request_id, self._prompt(user), self.sampling)
         text = ""
         try:
-            while self.engine.has_unfinished_requests():
+            while self.engine.has_unfinished_requests() and not (stop and stop.is_set()):
                 for out in self.engine.step():
                     new = out.outputs[0].text
                     if len(new) > len(text):
@@ -122,12 +128,25 @@ def run(args) -> int:
         user = user.strip()
         if not user:
             continue
+        stop = threading.Event()
         try:
-            for delta in session.reply(user):
-                print(delta, end="", flush=True)
-        except KeyboardInterrupt:
-            print(" [stopped]", end="")
+            with _sigint_sets(stop):
+                for delta in session.reply(user, stop):
+                    print(delta, end="", flush=True)
+            if stop.is_set():
+                print(" [stopped]", end="")
         except ValueError as e:
             print(f"error: {e}", file=sys.stderr)
         print(flush=True)
     return 0
+
+
+@contextlib.contextmanager
+def _sigint_sets(event: threading.Event):
+    """While a reply streams, Ctrl-C sets ``event`` instead of raising: the engine is never
+    interrupted in the middle of a step (its cache buffers are donated to each step)."""
+    previous = signal.signal(signal.SIGINT, lambda *_: event.set())
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
