@@ -82,12 +82,17 @@ class LLM:
         for rid, prompt, p in zip(ids, token_ids, params):
             self.engine.add_request(rid, prompt, p)
         final: dict[str, RequestOutput] = {}
-        with tqdm(total=len(ids), desc="generating", disable=not use_tqdm) as bar:
-            while len(final) < len(ids):
-                for out in self.engine.step():
-                    if out.finished:
-                        final[out.request_id] = out
-                        bar.update(1)
+        try:
+            with tqdm(total=len(ids), desc="generating", disable=not use_tqdm) as bar:
+                while len(final) < len(ids):
+                    for out in self.engine.step():
+                        if out.finished:
+                            final[out.request_id] = out
+                            bar.update(1)
+        except BaseException:  # e.g. Ctrl-C in a notebook: leave the engine clean for the next call
+            for rid in ids:
+                self.engine.abort_request(rid)
+            raise
         results = [final[rid] for rid in ids]
         for out, text in zip(results, texts):
             out.prompt = text
