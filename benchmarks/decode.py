@@ -34,26 +34,14 @@ from __future__ import annotations
 import argparse
 import gc
 import os
-import platform
-import shlex
 import statistics
-import subprocess
-import sys
 import time
 
 import numpy as np
+from report import READ_BANDWIDTH_GBS, append_results, command_line, date_utc, load_average, machine_line
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-RESULTS = os.path.join(REPO, "benchmarks", "RESULTS.md")
-RESULTS_HEADER = (
-    "# Benchmark results\n\n"
-    "Figures are medians measured on the noisy, shared 2-core CPU machine; compare rows of one "
-    "section (one run) with each other rather than across sections. Each section gives its "
-    "command, date and machine.\n"
-)
 
 # Machine figures from FACTS.md.
-READ_BANDWIDTH_GBS = 32.6  # 2-thread AVX2 read loop over 1 GiB
 FACTS_WEIGHT_BYTES = 538e6  # SmolLM2-135M in float32
 
 
@@ -198,55 +186,6 @@ class TorchSide:
         return stamps[1] - t, [b - a for a, b in zip(stamps[1:], stamps[2:])]
 
 
-# -- reporting ------------------------------------------------------------------------------------
-
-def machine_lines() -> list[str]:
-    import jax
-
-    cpu = "unknown"
-    if os.path.exists("/proc/cpuinfo"):
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    cpu = line.split(":", 1)[1].strip()
-                    break
-    return [
-        f"machine: `{platform.machine()}`, CPU `{cpu}`, {os.cpu_count()} cores, "
-        f"jax {jax.__version__} ({jax.default_backend()})",
-    ]
-
-
-def command_line() -> str:
-    exe = sys.executable
-    if exe.startswith(REPO + os.sep):
-        exe = os.path.relpath(exe, REPO)
-    script = os.path.relpath(os.path.abspath(sys.argv[0]), REPO)
-    return shlex.join([exe, script, *sys.argv[1:]])
-
-
-def date_utc() -> str:
-    try:
-        return subprocess.run(["date", "-u"], capture_output=True, text=True, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return time.strftime("%a %b %d %H:%M:%S UTC %Y", time.gmtime())
-
-
-def load_average() -> str:
-    try:
-        return subprocess.run(["uptime"], capture_output=True, text=True, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "load average: %.2f, %.2f, %.2f" % os.getloadavg()
-
-
-def append_results(text: str) -> None:
-    new = not os.path.exists(RESULTS)
-    with open(RESULTS, "a") as f:
-        if new:
-            f.write(RESULTS_HEADER)
-        f.write("\n" + text)
-    print(f"appended to {os.path.relpath(RESULTS, REPO)}")
-
-
 def median(xs):
     return statistics.median(xs)
 
@@ -388,7 +327,7 @@ def main() -> None:
                 "",
                 f"- command: `{command_line()}`",
                 f"- date: `{date}`",
-                "- " + machine_lines()[0],
+                "- " + machine_line(),
                 "",
                 *table,
                 "",

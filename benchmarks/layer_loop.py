@@ -26,30 +26,18 @@ call by call so that load changes on the shared machine hit all three alike.
 from __future__ import annotations
 
 import argparse
-import os
-import platform
-import shlex
 import statistics
-import subprocess
-import sys
 import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from report import append_results, command_line, date_utc, load_average, machine_line
 
 from jaxinfer.kv_cache import TRASH_PAGE, AttentionMetadata, write_kv
 from jaxinfer.sampler import greedy
 from pallas_kernels.paged_attention import paged_attention_reference
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-RESULTS = os.path.join(REPO, "benchmarks", "RESULTS.md")
-RESULTS_HEADER = (
-    "# Benchmark results\n\n"
-    "Figures are medians measured on the noisy, shared 2-core CPU machine; compare rows of one "
-    "section (one run) with each other rather than across sections. Each section gives its "
-    "command, date and machine.\n"
-)
 
 # SmolLM2-135M shapes.
 HIDDEN = 576
@@ -211,45 +199,6 @@ def cache_fingerprint(variant: str, cache) -> np.ndarray:
     return np.array([np.asarray(jnp.sum(p, axis=(1, 2, 3, 4)), np.float64) for p in cache])
 
 
-# -- reporting helpers ----------------------------------------------------------------------------
-
-def machine_line() -> str:
-    cpu = "unknown"
-    if os.path.exists("/proc/cpuinfo"):
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    cpu = line.split(":", 1)[1].strip()
-                    break
-    return (
-        f"machine: `{platform.machine()}`, CPU `{cpu}`, {os.cpu_count()} cores, "
-        f"jax {jax.__version__} ({jax.default_backend()})"
-    )
-
-
-def command_line() -> str:
-    exe = sys.executable
-    if exe.startswith(REPO + os.sep):
-        exe = os.path.relpath(exe, REPO)
-    return shlex.join([exe, os.path.relpath(os.path.abspath(sys.argv[0]), REPO), *sys.argv[1:]])
-
-
-def run_text(cmd: list[str], fallback: str) -> str:
-    try:
-        return subprocess.run(cmd, capture_output=True, text=True, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return fallback
-
-
-def append_results(text: str) -> None:
-    new = not os.path.exists(RESULTS)
-    with open(RESULTS, "a") as f:
-        if new:
-            f.write(RESULTS_HEADER)
-        f.write("\n" + text)
-    print(f"appended to {os.path.relpath(RESULTS, REPO)}")
-
-
 def int_list(text: str) -> list[int]:
     return [int(x) for x in text.split(",") if x.strip()]
 
@@ -279,7 +228,7 @@ def main() -> None:
     if args.prefill_tokens:
         shapes.append((f"prefill {args.prefill_tokens}", 1, args.prefill_tokens, args.prefill_tokens))
 
-    load_before = run_text(["uptime"], "")
+    load_before = load_average()
     key = jax.random.key(0)
     k_embed, k_norm, k_layers = jax.random.split(key, 3)
     embed = jax.random.normal(k_embed, (VOCAB, HIDDEN), jnp.float32) * 0.02
@@ -349,7 +298,7 @@ def main() -> None:
                 )
             del compiled, caches
         del stacked, weights
-    load_after = run_text(["uptime"], "")
+    load_after = load_average()
 
     base = {(r[0], r[1]): r[5] for r in results if r[2] == variants[0]}
     table = [
@@ -387,14 +336,14 @@ def main() -> None:
     print("\n".join(notes))
 
     if args.write_results:
-        date = run_text(["date", "-u"], time.strftime("%a %b %d %H:%M:%S UTC %Y", time.gmtime()))
+        date = date_utc()
         section = "\n".join(
             [
                 f"## Layer loop: unrolled vs lax.scan, SmolLM2-shaped decoder fp32 ({date})",
                 "",
                 f"- command: `{command_line()}`",
                 f"- date: `{date}`",
-                f"- {machine_line()}",
+                "- " + machine_line(),
                 "",
                 *table,
                 "",

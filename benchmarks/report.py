@@ -1,0 +1,68 @@
+"""What every benchmark writes beside its figures: command, date, machine, load; and RESULTS.md."""
+
+from __future__ import annotations
+
+import os
+import platform
+import shlex
+import subprocess
+import sys
+import time
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+RESULTS = os.path.join(REPO, "benchmarks", "RESULTS.md")
+RESULTS_HEADER = (
+    "# Benchmark results\n\n"
+    "Figures are medians measured on the noisy, shared 2-core CPU machine; compare rows of one "
+    "section (one run) with each other rather than across sections. Each section gives its "
+    "command, date and machine.\n"
+)
+# The machine's measured read bandwidth (../shared/FACTS.md: 2-thread AVX2 read loop over 1 GiB).
+READ_BANDWIDTH_GBS = 32.6
+
+
+def _run(cmd: list[str], fallback: str) -> str:
+    try:
+        return subprocess.run(cmd, capture_output=True, text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return fallback
+
+
+def machine_line() -> str:
+    import jax
+
+    cpu = "unknown"
+    if os.path.exists("/proc/cpuinfo"):
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    cpu = line.split(":", 1)[1].strip()
+                    break
+    return (
+        f"machine: `{platform.machine()}`, CPU `{cpu}`, {os.cpu_count()} cores, "
+        f"jax {jax.__version__} ({jax.default_backend()})"
+    )
+
+
+def command_line() -> str:
+    exe = sys.executable
+    if exe.startswith(REPO + os.sep):
+        exe = os.path.relpath(exe, REPO)
+    return shlex.join([exe, os.path.relpath(os.path.abspath(sys.argv[0]), REPO), *sys.argv[1:]])
+
+
+def date_utc() -> str:
+    return _run(["date", "-u"], time.strftime("%a %b %d %H:%M:%S UTC %Y", time.gmtime()))
+
+
+def load_average() -> str:
+    return _run(["uptime"], "load average: %.2f, %.2f, %.2f" % os.getloadavg())
+
+
+def append_results(text: str) -> None:
+    new = not os.path.exists(RESULTS)
+    with open(RESULTS, "a") as f:
+        if new:
+            f.write(RESULTS_HEADER)
+        f.write("\n" + text)
+    print(f"appended to {os.path.relpath(RESULTS, REPO)}")
