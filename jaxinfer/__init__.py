@@ -1,14 +1,15 @@
 """jaxinfer: LLM inference and serving on JAX/XLA.
 
-``from jaxinfer import LLM, SamplingParams``. ``LLM`` is imported lazily: it sits above the
-converters in the import graph, while the engine modules of this package sit below them.
+``from jaxinfer import LLM, AsyncLLM, SamplingParams, build_engine``. These are imported lazily:
+``LLM`` and ``build_engine`` sit above the converters in the import graph, while the engine
+modules of this package (``AsyncLLM`` among them) sit below them.
 """
 
 import logging
 
 from jaxinfer.sampling_params import SamplingParams
 
-__all__ = ["LLM", "SamplingParams"]
+__all__ = ["LLM", "AsyncLLM", "SamplingParams", "build_engine"]
 __version__ = "0.1.0"
 
 _log = logging.getLogger("jaxinfer")
@@ -21,8 +22,12 @@ if not _log.handlers:
 
 
 def __getattr__(name):
-    if name == "LLM":
-        from jaxinfer.llm import LLM
+    if name in ("LLM", "build_engine"):
+        from jaxinfer import llm
 
-        return LLM
+        return getattr(llm, name)
+    if name == "AsyncLLM":
+        from jaxinfer.async_engine import AsyncLLM
+
+        return AsyncLLM
     raise AttributeError(f"module 'jaxinfer' has no attribute {name!r}")

@@ -1,9 +1,11 @@
 """Page allocation: a free list with reference counts, and an LRU prefix cache of full pages.
 
 A full page is identified by the hash of its tokens chained with the hash of the page before it,
-so equal hashes mean equal prefixes. With prefix caching on, a page whose last user leaves keeps
-its content and its hash: a later request with the same prefix takes it back instead of
-recomputing it; when free pages run out, the least recently released cached page is reused.
+so equal hashes mean equal prefixes. Full pages are always published this way; a page whose last
+user leaves keeps its content and its hash, and when free pages run out the least recently released
+cached page is reused. With prefix caching on, any request with the same prefix takes such pages
+instead of recomputing them; with it off, only the completions of one ``n > 1`` request share
+their prompt's pages.
 """
 
 from __future__ import annotations
@@ -78,10 +80,11 @@ class BlockManager:
                 else:
                     self._free.append(page)
 
-    def match_prefix(self, token_ids: Sequence[int]) -> tuple[list[int], list[int]]:
+    def match_prefix(self, token_ids: Sequence[int], force: bool = False) -> tuple[list[int], list[int]]:
         """Cached pages holding the longest known prefix of ``token_ids`` (referenced for the caller)
-        and their hashes. At least one token is always left to compute, for the next-token logits."""
-        if not self.enable_prefix_caching:
+        and their hashes; only with prefix caching on, unless ``force``. At least one token is
+        always left to compute, for the next-token logits."""
+        if not (self.enable_prefix_caching or force):
             return [], []
         pages, hashes, parent = [], [], None
         for start in range(0, len(token_ids) - 1 - self.page_size + 1, self.page_size):
@@ -99,8 +102,6 @@ class BlockManager:
 
     def register_full_pages(self, token_ids: Sequence[int], pages: Sequence[int], hashes: list[int], num_computed: int) -> None:
         """Publish a sequence's pages that are now full and computed; extends ``hashes`` in place."""
-        if not self.enable_prefix_caching:
-            return
         while (len(hashes) + 1) * self.page_size <= num_computed:
             i = len(hashes)
             h = chain_hash(hashes[-1] if hashes else None, token_ids[i * self.page_size : (i + 1) * self.page_size])

@@ -16,9 +16,12 @@ from typing import Sequence
 import numpy as np
 
 from jaxinfer.kv_cache import TRASH_PAGE
-from jaxinfer.sampling_params import SamplingParams
+from jaxinfer.sampling_params import MAX_STOP_TOKEN_IDS, SamplingParams
 
 MIN_PREFILL_BUCKET = 16
+# Width of the per-row list of ids banned before min_tokens: stop token ids plus the model's EOS ids.
+MAX_EOS_IDS = 4
+STOP_IDS_WIDTH = MAX_STOP_TOKEN_IDS + MAX_EOS_IDS
 
 
 def _powers_of_two(lo: int, hi: int) -> tuple[int, ...]:
@@ -46,8 +49,11 @@ class StepRow:
       start: position of ``token_ids[0]`` in the sequence.
       pages: the sequence's pages, covering at least ``start + len(token_ids)`` tokens.
       sampling: the request's sampling options.
-      seed: ``(hi, lo)`` 32-bit words of the request's seed.
-      num_generated: tokens the request has generated so far.
+      seed: ``(hi, lo)`` 32-bit words of the sequence's seed.
+      num_generated: tokens the sequence has generated so far.
+      history: all its tokens so far (prompt first) when the request has penalties, else None.
+      prompt_len: its prompt length.
+      banned_ids: token ids impossible while ``num_generated < sampling.min_tokens``.
     """
 
     token_ids: Sequence[int]
@@ -56,11 +62,15 @@ class StepRow:
     sampling: SamplingParams
     seed: tuple[int, int]
     num_generated: int
+    history: Sequence[int] | None = None
+    prompt_len: int = 0
+    banned_ids: Sequence[int] = ()
 
 
 @dataclass(frozen=True)
 class StepArrays:
-    """Host arrays of one padded step (shapes in ``jaxinfer.kv_cache.AttentionMetadata``)."""
+    """Host arrays of one padded step; ``history`` is None when no row has penalties (the runner
+    then passes a constant array of the same shape)."""
 
     tokens: np.ndarray  # [batch, q_len] int32
     positions: np.ndarray  # [batch, q_len] int32
@@ -68,11 +78,8 @@ class StepArrays:
     block_tables: np.ndarray  # [batch, pages_per_seq] int32
     seq_lens: np.ndarray  # [batch] int32
     logits_indices: np.ndarray  # [batch] int32: the row's last real token
-    temperature: np.ndarray  # [batch] float32
-    top_k: np.ndarray  # [batch] int32
-    top_p: np.ndarray  # [batch] float32
-    seed: np.ndarray  # [batch, 2] uint32
-    num_generated: np.ndarray  # [batch] int32
+    sampling: dict[str, np.ndarray]  # the fields of jaxinfer.sampler.SamplingTensors
+    history: np.ndarray | None  # [batch, history_len] int32
 
 
 @dataclass(frozen=True)
@@ -81,15 +88,23 @@ class Buckets:
     prefill_lengths: tuple[int, ...]
     pages_per_seq: int
     page_size: int
+    vocab_size: int
 
     @classmethod
-    def create(cls, max_batch_size: int, max_prefill_tokens: int, session_len: int, page_size: int) -> "Buckets":
+    def create(
+        cls, max_batch_size: int, max_prefill_tokens: int, session_len: int, page_size: int, vocab_size: int
+    ) -> "Buckets":
         return cls(
             decode_batch_sizes=_powers_of_two(1, max_batch_size),
             prefill_lengths=_powers_of_two(min(MIN_PREFILL_BUCKET, max_prefill_tokens), max_prefill_tokens),
             pages_per_seq=math.ceil(session_len / page_size),
             page_size=page_size,
+            vocab_size=vocab_size,
         )
+
+    @property
+    def history_len(self) -> int:
+        return self.pages_per_seq * self.page_size
 
     def all_shapes(self) -> list[tuple[int, int]]:
         """Every ``(batch, q_len)`` the engine can run: what warm-up compiles."""
@@ -106,17 +121,31 @@ class Buckets:
         batch, q_len = shape
         if len(rows) > batch or any(len(r.token_ids) > q_len for r in rows):
             raise ValueError(f"rows do not fit the bucket {shape}")
+        vocab = self.vocab_size
         tokens = np.zeros((batch, q_len), np.int32)
         positions = np.zeros((batch, q_len), np.int32)
         slots = np.full((batch, q_len), TRASH_PAGE * self.page_size, np.int32)
         tables = np.full((batch, self.pages_per_seq), TRASH_PAGE, np.int32)
         seq_lens = np.zeros(batch, np.int32)
         last = np.zeros(batch, np.int32)
-        temperature = np.zeros(batch, np.float32)
-        top_k = np.zeros(batch, np.int32)
-        top_p = np.ones(batch, np.float32)
-        seed = np.zeros((batch, 2), np.uint32)
-        num_generated = np.zeros(batch, np.int32)
+        f = {
+            "temperature": np.zeros(batch, np.float32),
+            "top_k": np.zeros(batch, np.int32),
+            "top_p": np.ones(batch, np.float32),
+            "min_p": np.zeros(batch, np.float32),
+            "repetition_penalty": np.ones(batch, np.float32),
+            "presence_penalty": np.zeros(batch, np.float32),
+            "frequency_penalty": np.zeros(batch, np.float32),
+            "seed": np.zeros((batch, 2), np.uint32),
+            "step": np.zeros(batch, np.int32),
+            "prompt_len": np.zeros(batch, np.int32),
+            "min_tokens": np.zeros(batch, np.int32),
+            "stop_ids": np.full((batch, STOP_IDS_WIDTH), vocab, np.int32),
+            "num_logprobs": np.full(batch, -1, np.int32),
+        }
+        history = None
+        if any(r.history is not None for r in rows):
+            history = np.full((batch, self.history_len), vocab, np.int32)
         for i, r in enumerate(rows):
             n = len(r.token_ids)
             pos = np.arange(r.start, r.start + n, dtype=np.int32)
@@ -127,9 +156,20 @@ class Buckets:
             tables[i, : len(pages)] = pages
             seq_lens[i] = r.start + n
             last[i] = n - 1
-            temperature[i] = r.sampling.temperature
-            top_k[i] = r.sampling.top_k
-            top_p[i] = r.sampling.top_p
-            seed[i] = r.seed
-            num_generated[i] = r.num_generated
-        return StepArrays(tokens, positions, slots, tables, seq_lens, last, temperature, top_k, top_p, seed, num_generated)
+            p = r.sampling
+            f["temperature"][i] = p.temperature
+            f["top_k"][i] = p.top_k
+            f["top_p"][i] = p.top_p
+            f["min_p"][i] = p.min_p
+            f["repetition_penalty"][i] = p.repetition_penalty
+            f["presence_penalty"][i] = p.presence_penalty
+            f["frequency_penalty"][i] = p.frequency_penalty
+            f["seed"][i] = r.seed
+            f["step"][i] = r.num_generated
+            f["prompt_len"][i] = r.prompt_len
+            f["min_tokens"][i] = p.min_tokens
+            f["stop_ids"][i, : len(r.banned_ids)] = r.banned_ids
+            f["num_logprobs"][i] = -1 if p.logprobs is None else p.logprobs
+            if r.history is not None:
+                history[i, : len(r.history)] = r.history
+        return StepArrays(tokens, positions, slots, tables, seq_lens, last, f, history)

@@ -2,7 +2,7 @@
 
 ``LLMEngine`` is synchronous and single-threaded: ``add_request`` queues, ``step`` runs one
 continuous-batching step and returns the requests that advanced. The offline ``LLM`` API drives it
-to completion.
+to completion; ``AsyncLLM`` drives it from a thread for asyncio callers.
 """
 
 from __future__ import annotations
@@ -13,20 +13,25 @@ from dataclasses import dataclass
 from typing import Any, Sequence as Seq
 
 from jaxinfer.block_manager import BlockManager
-from jaxinfer.buckets import Buckets, StepRow
+from jaxinfer.buckets import MAX_EOS_IDS, Buckets, StepRow
 from jaxinfer.compilation import enable_persistent_cache, install_counter
 from jaxinfer.config import ModelConfig
 from jaxinfer.detokenizer import IncrementalDetokenizer
 from jaxinfer.engine_config import EngineConfig
 from jaxinfer.kv_cache import plan_cache
 from jaxinfer.model_runner import ModelRunner
-from jaxinfer.outputs import CompletionOutput, RequestOutput
+from jaxinfer.outputs import CompletionOutput, RequestOutput, TokenLogprob
+from jaxinfer.sampler import SampleOutput
 from jaxinfer.sampling_params import SamplingParams
 from jaxinfer.scheduler import Scheduler
-from jaxinfer.sequence import FinishReason, Sequence
+from jaxinfer.sequence import FinishReason, Request, Sequence
+from jaxinfer.stop_strings import find_stop
 from jaxinfer.tokenizer import Tokenizer
 
 logger = logging.getLogger(__name__)
+
+# Odd 64-bit constant (golden ratio) spreading the seeds of a request's n completions apart.
+_SEED_STRIDE = 0x9E3779B97F4A7C15
 
 
 @dataclass
@@ -55,6 +60,9 @@ class LLMEngine:
         self.session_len = engine_config.session_len or max_len
         if self.session_len > max_len:
             raise ValueError(f"session_len {self.session_len} exceeds the model's context length {max_len}")
+        self.eos_token_ids = tokenizer.eos_token_ids if tokenizer else frozenset(model_config.eos_token_ids)
+        if len(self.eos_token_ids) > MAX_EOS_IDS:
+            raise ValueError(f"the model has {len(self.eos_token_ids)} EOS ids; at most {MAX_EOS_IDS} are supported")
         install_counter()
         enable_persistent_cache()
         page_size = engine_config.cache_block_seq_len
@@ -64,14 +72,14 @@ class LLMEngine:
         )
         logger.info(self.cache_plan.explanation)
         self.buckets = Buckets.create(
-            engine_config.max_batch_size, engine_config.max_prefill_tokens, self.session_len, page_size
+            engine_config.max_batch_size, engine_config.max_prefill_tokens, self.session_len, page_size,
+            model_config.vocab_size,
         )
         self.runner = ModelRunner(model_config, params, dtype, self.buckets, self.cache_plan.num_pages)
         self.block_manager = BlockManager(self.cache_plan.num_pages, page_size, engine_config.enable_prefix_caching)
         self.scheduler = Scheduler(self.block_manager, engine_config.max_batch_size, engine_config.max_prefill_tokens)
-        self.eos_token_ids = tokenizer.eos_token_ids if tokenizer else frozenset(model_config.eos_token_ids)
         self.stats = EngineStats()
-        self._seqs: dict[str, Sequence] = {}
+        self._requests: dict[str, Request] = {}
         if warmup:
             self.runner.warmup(progress)
 
@@ -79,7 +87,7 @@ class LLMEngine:
 
     def add_request(self, request_id: str, prompt_token_ids: Seq[int], params: SamplingParams) -> None:
         """Queue a request; a prompt that can never run raises ValueError here, not later."""
-        if request_id in self._seqs:
+        if request_id in self._requests:
             raise ValueError(f"request id {request_id!r} is already running")
         prompt = [int(t) for t in prompt_token_ids]
         if not prompt:
@@ -87,6 +95,8 @@ class LLMEngine:
         vocab = self.model_config.vocab_size
         if min(prompt) < 0 or max(prompt) >= vocab:
             raise ValueError(f"prompt token ids must be in [0, {vocab})")
+        if params.stop and self.tokenizer is None:
+            raise ValueError("stop strings need a tokenizer; this model has none")
         room = self.session_len - len(prompt)
         if room < 1:
             raise ValueError(f"the prompt has {len(prompt)} tokens; the session length is {self.session_len}")
@@ -102,21 +112,27 @@ class LLMEngine:
                 f"prompt + max_tokens = {total} tokens can never fit in the KV cache "
                 f"({self.cache_plan.capacity_tokens} tokens)"
             )
-        seed = params.seed if params.seed is not None else secrets.randbits(63)
-        detok = (
-            IncrementalDetokenizer(self.tokenizer, prompt, params.skip_special_tokens) if self.tokenizer else None
-        )
-        seq = Sequence(request_id, prompt, params, max_tokens, (seed >> 32, seed & 0xFFFFFFFF), detok)
-        self._seqs[request_id] = seq
-        self.scheduler.add(seq)
+        base_seed = params.seed if params.seed is not None else secrets.randbits(63)
+        request = Request(request_id, prompt, params)
+        for i in range(params.n):
+            seed = (base_seed + i * _SEED_STRIDE) % 2**63
+            detok = IncrementalDetokenizer(self.tokenizer, prompt, params.skip_special_tokens) if self.tokenizer else None
+            leader = request.seqs[0] if i else None
+            seq = Sequence(request, i, max_tokens, (seed >> 32, seed & 0xFFFFFFFF), detok, leader)
+            request.seqs.append(seq)
+            self.scheduler.add(seq)
+        self._requests[request_id] = request
 
     def abort_request(self, request_id: str) -> RequestOutput | None:
-        seq = self._seqs.pop(request_id, None)
-        if seq is None:
+        """Stop a request now and release its pages; None if it is not running."""
+        request = self._requests.pop(request_id, None)
+        if request is None:
             return None
-        seq.finish_reason = FinishReason.ABORT
-        self.scheduler.remove(seq)
-        return self._output(seq)
+        for seq in request.seqs:
+            if not seq.finished:
+                seq.finish_reason = FinishReason.ABORT
+                self.scheduler.remove(seq)
+        return self._output(request)
 
     def has_unfinished_requests(self) -> bool:
         return self.scheduler.has_unfinished
@@ -133,9 +149,13 @@ class LLMEngine:
 
     def _row(self, seq: Sequence, n: int) -> StepRow:
         start = seq.num_computed
+        p = seq.params
+        banned = () if p.ignore_eos else tuple(self.eos_token_ids)
         return StepRow(
             token_ids=seq.token_ids[start : start + n], start=start, pages=seq.pages,
-            sampling=seq.params, seed=seq.seed, num_generated=len(seq.output_token_ids),
+            sampling=p, seed=seq.seed, num_generated=len(seq.output_token_ids),
+            history=seq.token_ids if p.penalized else None, prompt_len=len(seq.prompt_token_ids),
+            banned_ids=banned + p.stop_token_ids,
         )
 
     def step(self) -> list[RequestOutput]:
@@ -145,48 +165,68 @@ class LLMEngine:
         if sched.empty:
             return []
         self.stats.steps += 1
-        results: list[tuple[Sequence, int, int]] = []
+        results: list[tuple[Sequence, int, SampleOutput, int]] = []
         if sched.decode:
             rows = [self._row(seq, 1) for seq in sched.decode]
-            tokens = self.runner.execute(rows, self.buckets.decode_shape(len(rows)))
-            results += [(seq, 1, int(t)) for seq, t in zip(sched.decode, tokens)]
+            out = self.runner.execute(rows, self.buckets.decode_shape(len(rows)))
+            results += [(seq, 1, out, i) for i, seq in enumerate(sched.decode)]
             self.stats.decode_tokens += len(rows)
         for seq, n in sched.prefill:
-            (token,) = self.runner.execute([self._row(seq, n)], self.buckets.prefill_shape(n))
-            results.append((seq, n, int(token)))
+            out = self.runner.execute([self._row(seq, n)], self.buckets.prefill_shape(n))
+            results.append((seq, n, out, 0))
             self.stats.prefill_tokens += n
 
-        outputs = []
-        for seq, n, token in results:
+        advanced: dict[str, Request] = {}
+        for seq, n, out, i in results:
             seq.num_computed += n
             self.block_manager.register_full_pages(seq.token_ids, seq.pages, seq.block_hashes, seq.num_computed)
-            if seq.num_computed == seq.num_tokens:  # the last known token ran: `token` is new
-                self._append(seq, token)
-                outputs.append(self._output(seq))
+            if seq.num_computed == seq.num_tokens:  # the last known token ran: the sample is new
+                self._append(seq, out, i)
+                advanced[seq.request_id] = seq.request
+        outputs = [self._output(r) for r in advanced.values()]
+        for r in advanced.values():
+            if r.finished:
+                del self._requests[r.request_id]
         return outputs
 
-    def _append(self, seq: Sequence, token: int) -> None:
-        seq.output_token_ids.append(token)
+    def _append(self, seq: Sequence, out: SampleOutput, row: int) -> None:
+        token = int(out.tokens[row])
         p = seq.params
+        seq.output_token_ids.append(token)
+        if p.logprobs is not None:
+            top = [(int(t), float(lp)) for t, lp in zip(out.top_ids[row, : p.logprobs], out.top_logprobs[row, : p.logprobs])]
+            seq.output_logprobs.append(TokenLogprob(token, float(out.logprobs[row]), top))
         if token in self.eos_token_ids and not p.ignore_eos or token in p.stop_token_ids:
             seq.finish_reason = FinishReason.STOP
         else:
-            if seq.detokenizer:
-                seq.detokenizer.add(token)
-            if len(seq.output_token_ids) >= seq.max_tokens or seq.num_tokens >= self.session_len:
+            detok = seq.detokenizer
+            delta = detok.add(token) if detok else ""
+            if p.stop and delta and len(seq.output_token_ids) >= p.min_tokens:
+                hit = find_stop(detok.text, len(detok.text) - len(delta), p.stop)
+                if hit:
+                    at, stop = hit
+                    seq.final_text = detok.text[: at + (len(stop) if p.include_stop_str_in_output else 0)]
+                    seq.finish_reason = FinishReason.STOP
+            if not seq.finished and (len(seq.output_token_ids) >= seq.max_tokens or seq.num_tokens >= self.session_len):
                 seq.finish_reason = FinishReason.LENGTH
         if seq.finished:
-            if seq.detokenizer:
+            if seq.detokenizer and seq.final_text is None:
                 seq.detokenizer.flush()
             self.scheduler.remove(seq)
-            del self._seqs[seq.request_id]
 
-    def _output(self, seq: Sequence) -> RequestOutput:
-        reason = seq.finish_reason.value if seq.finish_reason else None
+    def _output(self, request: Request) -> RequestOutput:
+        completions = [
+            CompletionOutput(
+                index=s.index, text=s.text, token_ids=list(s.output_token_ids),
+                finish_reason=s.finish_reason.value if s.finish_reason else None,
+                logprobs=list(s.output_logprobs) if request.params.logprobs is not None else None,
+            )
+            for s in request.seqs
+        ]
         return RequestOutput(
-            request_id=seq.request_id,
-            prompt_token_ids=seq.prompt_token_ids,
-            outputs=[CompletionOutput(0, seq.text, list(seq.output_token_ids), reason)],
-            finished=seq.finished,
-            num_cached_tokens=seq.num_cached_tokens,
+            request_id=request.request_id,
+            prompt_token_ids=request.prompt_token_ids,
+            outputs=completions,
+            finished=request.finished,
+            num_cached_tokens=request.seqs[0].num_cached_tokens,
         )

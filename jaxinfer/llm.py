@@ -21,20 +21,26 @@ Prompt = Union[str, Sequence[int]]
 Message = dict
 
 
+def build_engine(model=None, dtype=None, warmup: bool = True, progress: bool = True, **engine_options) -> LLMEngine:
+    """An engine for ``model``: an HF dir, a .gguf file, a converted dir (default: the embedded
+    SmolLM2), or an already loaded ``converters.loader.LoadedModel``. ``engine_options`` are the
+    fields of ``EngineConfig``. For asyncio callers: ``AsyncLLM(build_engine(...))``."""
+    from converters.convert import embedded_model_path
+    from converters.loader import LoadedModel, load_model
+
+    loaded = model if isinstance(model, LoadedModel) else load_model(model or embedded_model_path(), dtype)
+    return LLMEngine(
+        loaded.config, loaded.params, loaded.tokenizer, EngineConfig(**engine_options),
+        loaded.dtype, warmup=warmup, progress=progress,
+    )
+
+
 class LLM:
-    """A model and its engine. ``model``: an HF dir, a .gguf file, a converted dir (default: the
-    embedded SmolLM2), or an already loaded ``converters.loader.LoadedModel``."""
+    """A model and its engine, for offline batches; arguments as ``build_engine``."""
 
     def __init__(self, model=None, dtype=None, warmup: bool = True, progress: bool = True, **engine_options):
-        from converters.convert import embedded_model_path
-        from converters.loader import LoadedModel, load_model
-
-        loaded = model if isinstance(model, LoadedModel) else load_model(model or embedded_model_path(), dtype)
-        self.model_config = loaded.config
-        self.engine = LLMEngine(
-            loaded.config, loaded.params, loaded.tokenizer, EngineConfig(**engine_options),
-            loaded.dtype, warmup=warmup, progress=progress,
-        )
+        self.engine = build_engine(model, dtype, warmup, progress, **engine_options)
+        self.model_config = self.engine.model_config
         self._ids = itertools.count()
 
     def get_tokenizer(self) -> Tokenizer:

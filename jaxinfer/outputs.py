@@ -6,11 +6,21 @@ from dataclasses import dataclass
 
 
 @dataclass
+class TokenLogprob:
+    """The raw logprob of a generated token and the most likely alternatives, best first."""
+
+    token_id: int
+    logprob: float
+    top: list[tuple[int, float]]
+
+
+@dataclass
 class CompletionOutput:
     index: int
     text: str
     token_ids: list[int]
     finish_reason: str | None = None  # "stop", "length", "abort"; None while running
+    logprobs: list[TokenLogprob] | None = None  # one per token, when the request asked for them
 
 
 @dataclass

@@ -1,10 +1,16 @@
 """Token selection on device, per row of the batch, from per-row parameter arrays.
 
-Every row carries its own temperature, top-k, top-p and seed, so one compiled step serves any mix
-of requests. Nothing here sorts the vocabulary: on XLA:CPU a full sort of 49k logits costs ~23 ms
-per row. Top-k and top-p become one logit threshold per row found by bisection, and the draw is an
-inverse-CDF lookup with a single uniform number per row, done in two levels (chunk, then token)
-so that no cumulative sum runs over the whole vocabulary.
+Every row carries its own temperature, top-k, top-p, min-p, penalties, seed and logprob count, so
+one compiled step serves any mix of requests. Optional stages (penalties, min-token bans,
+filtering, logprobs) run under ``lax.cond`` only when some row of the batch asks for them.
+
+Nothing here sorts the vocabulary: on XLA:CPU a full sort of 49k logits costs ~23 ms per row.
+Top-k, top-p and min-p become one logit threshold per row (top-k and top-p found by bisection),
+and the draw is an inverse-CDF lookup with a single uniform number per row, in two levels (chunk,
+then token) so that no cumulative sum runs over the whole vocabulary.
+
+Order, as in vLLM: penalties on the raw logits, min-token bans, temperature, filtering, draw.
+Logprobs are those of the raw model distribution.
 """
 
 from __future__ import annotations
@@ -13,6 +19,8 @@ from dataclasses import dataclass
 
 import jax
 import jax.numpy as jnp
+
+from jaxinfer.sampling_params import MAX_LOGPROBS
 
 # Bisection steps for the top-k/top-p threshold: 2^-28 of the logit range resolves any pair of
 # float32 logits that differ in more than their last few bits.
@@ -24,22 +32,57 @@ CDF_CHUNK = 128
 @jax.tree_util.register_dataclass
 @dataclass(frozen=True)
 class SamplingTensors:
-    """Sampling parameters of a batch, one entry per row (padding rows: greedy).
+    """Sampling parameters of a batch, one entry per row (padding rows: greedy, nothing else).
 
     Attributes:
       temperature: ``[batch]`` float32; 0 selects greedy decoding.
       top_k: ``[batch]`` int32; 0 disables.
       top_p: ``[batch]`` float32; 1 disables.
+      min_p: ``[batch]`` float32; 0 disables.
+      repetition_penalty: ``[batch]`` float32; 1 disables (applies to prompt and output tokens).
+      presence_penalty, frequency_penalty: ``[batch]`` float32; 0 disables (output tokens only).
       seed: ``[batch, 2]`` uint32 key data of the row's PRNG key (threefry).
       step: ``[batch]`` int32 tokens the row has generated so far, folded into its key so every
         draw of a seeded request is reproducible whatever batch it runs in.
+      history: ``[batch, history_len]`` int32 the row's tokens so far, prompt first, padded with
+        ``vocab`` (only read when a row has penalties).
+      prompt_len: ``[batch]`` int32 how many leading ``history`` tokens are prompt.
+      min_tokens: ``[batch]`` int32 while ``step < min_tokens`` the ``stop_ids`` are banned.
+      stop_ids: ``[batch, max_stop_ids]`` int32 EOS and stop token ids, padded with ``vocab``.
+      num_logprobs: ``[batch]`` int32 top logprobs to return (0: only the chosen token's; -1: none).
     """
 
     temperature: jax.Array
     top_k: jax.Array
     top_p: jax.Array
+    min_p: jax.Array
+    repetition_penalty: jax.Array
+    presence_penalty: jax.Array
+    frequency_penalty: jax.Array
     seed: jax.Array
     step: jax.Array
+    history: jax.Array
+    prompt_len: jax.Array
+    min_tokens: jax.Array
+    stop_ids: jax.Array
+    num_logprobs: jax.Array
+
+
+@jax.tree_util.register_dataclass
+@dataclass(frozen=True)
+class SampleOutput:
+    """What a step returns per row (zeros where a row asked for no logprobs).
+
+    Attributes:
+      tokens: ``[batch]`` int32 chosen tokens.
+      logprobs: ``[batch]`` float32 raw logprob of each chosen token.
+      top_ids, top_logprobs: ``[batch, MAX_LOGPROBS]`` the most likely tokens and their logprobs.
+    """
+
+    tokens: jax.Array
+    logprobs: jax.Array
+    top_ids: jax.Array
+    top_logprobs: jax.Array
 
 
 def greedy(logits: jax.Array) -> jax.Array:
@@ -50,14 +93,32 @@ def greedy(logits: jax.Array) -> jax.Array:
     return jnp.min(jnp.where(logits == top, idx, vocab), axis=-1)
 
 
-def _filter_threshold(x: jax.Array, top_k: jax.Array, top_p: jax.Array) -> jax.Array:
-    """Per-row logit threshold: keep ``x >= t`` to apply top-k and top-p. ``x`` is ``[batch, vocab]``."""
+def _apply_penalties(x: jax.Array, t: SamplingTensors) -> jax.Array:
+    batch, vocab = x.shape
+    rows = jnp.arange(batch)[:, None]
+    is_output = jnp.arange(t.history.shape[1])[None, :] >= t.prompt_len[:, None]
+    output_counts = jnp.zeros((batch, vocab), jnp.float32).at[rows, t.history].add(
+        is_output.astype(jnp.float32), mode="drop"
+    )
+    seen = jnp.zeros((batch, vocab), jnp.bool_).at[rows, t.history].set(True, mode="drop")
+    rp = t.repetition_penalty[:, None]
+    x = jnp.where(seen, jnp.where(x > 0, x / rp, x * rp), x)
+    return x - t.presence_penalty[:, None] * (output_counts > 0) - t.frequency_penalty[:, None] * output_counts
+
+
+def _ban_stop_ids(x: jax.Array, t: SamplingTensors) -> jax.Array:
+    banned = jnp.where((t.step < t.min_tokens)[:, None], t.stop_ids, x.shape[1])
+    return x.at[jnp.arange(x.shape[0])[:, None], banned].set(-jnp.inf, mode="drop")
+
+
+def _filter_threshold(x: jax.Array, t: SamplingTensors) -> jax.Array:
+    """Per-row logit threshold: keep ``x >= threshold`` to apply top-k, top-p and min-p."""
     vocab = x.shape[-1]
     x_max = x.max(axis=-1)
-    x_min = x.min(axis=-1)
+    x_min = jnp.min(jnp.where(jnp.isfinite(x), x, x_max[:, None]), axis=-1)
     p = jnp.exp(x - x_max[:, None])
-    need_mass = top_p * p.sum(axis=-1)
-    k = jnp.where(top_k > 0, jnp.minimum(top_k, vocab), vocab)
+    need_mass = t.top_p * p.sum(axis=-1)
+    k = jnp.where(t.top_k > 0, jnp.minimum(t.top_k, vocab), vocab)
 
     def holds(t_k, t_p):
         keep_k = x >= t_k[:, None]
@@ -77,7 +138,8 @@ def _filter_threshold(x: jax.Array, top_k: jax.Array, top_p: jax.Array) -> jax.A
         0, THRESHOLD_BISECTION_STEPS, step, (x_min, x_max, x_min, x_max)
     )
     ok_k, ok_p = holds(hi_k, hi_p)  # the bisection keeps `lo` valid; `hi` may be valid too
-    return jnp.maximum(jnp.where(ok_k, hi_k, lo_k), jnp.where(ok_p, hi_p, lo_p))
+    t_min_p = jnp.where(t.min_p > 0, x_max + jnp.log(jnp.maximum(t.min_p, 1e-30)), -jnp.inf)
+    return jnp.maximum(jnp.maximum(jnp.where(ok_k, hi_k, lo_k), jnp.where(ok_p, hi_p, lo_p)), t_min_p)
 
 
 def _inverse_cdf(x: jax.Array, u: jax.Array) -> jax.Array:
@@ -93,10 +155,10 @@ def _inverse_cdf(x: jax.Array, u: jax.Array) -> jax.Array:
     last_c = jnp.max(jnp.where(chunk_mass > 0, idx_c, 0), axis=-1)
     c = jnp.minimum(jnp.sum(cum <= target[:, None], axis=-1), last_c)
     within = jnp.take_along_axis(p, c[:, None, None], axis=1)[:, 0]  # [batch, CDF_CHUNK]
-    offset = target - (jnp.take_along_axis(cum, c[:, None], 1)[:, 0] - jnp.take_along_axis(chunk_mass, c[:, None], 1)[:, 0])
+    before = jnp.take_along_axis(cum - chunk_mass, c[:, None], axis=1)[:, 0]
     idx_t = jnp.arange(CDF_CHUNK, dtype=jnp.int32)
     last_t = jnp.max(jnp.where(within > 0, idx_t, 0), axis=-1)
-    t = jnp.minimum(jnp.sum(jnp.cumsum(within, axis=-1) <= offset[:, None], axis=-1), last_t)
+    t = jnp.minimum(jnp.sum(jnp.cumsum(within, axis=-1) <= (target - before)[:, None], axis=-1), last_t)
     return (c * CDF_CHUNK + t).astype(jnp.int32)
 
 
@@ -108,20 +170,45 @@ def _uniforms(seed: jax.Array, step: jax.Array) -> jax.Array:
     return jax.vmap(one)(seed, step)
 
 
-def sample(logits: jax.Array, t: SamplingTensors) -> jax.Array:
-    """Pick one token per row. ``logits`` ``[batch, vocab]`` float32 -> ``[batch]`` int32."""
-    greedy_tokens = greedy(logits)
+def _choose(x: jax.Array, t: SamplingTensors) -> jax.Array:
+    greedy_tokens = greedy(x)
+    sampled = t.temperature > 0
 
     def draw():
-        temperature = jnp.where(t.temperature > 0, t.temperature, 1.0)
-        x = logits / temperature[:, None]
-        filtered = (t.top_k > 0) | (t.top_p < 1)
-        x = jax.lax.cond(
-            jnp.any(filtered & (t.temperature > 0)),
-            lambda: jnp.where(x >= _filter_threshold(x, t.top_k, t.top_p)[:, None], x, -jnp.inf),
-            lambda: x,
+        y = x / jnp.where(sampled, t.temperature, 1.0)[:, None]
+        filtered = sampled & ((t.top_k > 0) | (t.top_p < 1) | (t.min_p > 0))
+        y = jax.lax.cond(
+            jnp.any(filtered),
+            lambda: jnp.where(y >= _filter_threshold(y, t)[:, None], y, -jnp.inf),
+            lambda: y,
         )
-        drawn = _inverse_cdf(x, _uniforms(t.seed, t.step))
-        return jnp.where(t.temperature > 0, drawn, greedy_tokens)
+        return jnp.where(sampled, _inverse_cdf(y, _uniforms(t.seed, t.step)), greedy_tokens)
 
-    return jax.lax.cond(jnp.all(t.temperature == 0), lambda: greedy_tokens, draw)
+    return jax.lax.cond(jnp.any(sampled), draw, lambda: greedy_tokens)
+
+
+def _logprobs(raw: jax.Array, tokens: jax.Array):
+    logp = jax.nn.log_softmax(raw, axis=-1)
+    chosen = jnp.take_along_axis(logp, tokens[:, None], axis=1)[:, 0]
+    k = min(MAX_LOGPROBS, raw.shape[-1])
+    top_logprobs, top_ids = jax.lax.top_k(logp, k)
+    pad = ((0, 0), (0, MAX_LOGPROBS - k))
+    return chosen, jnp.pad(top_ids.astype(jnp.int32), pad), jnp.pad(top_logprobs, pad, constant_values=-jnp.inf)
+
+
+def sample(logits: jax.Array, t: SamplingTensors) -> SampleOutput:
+    """Pick one token per row. ``logits`` ``[batch, vocab]`` float32."""
+    batch = logits.shape[0]
+    penalized = (t.repetition_penalty != 1) | (t.presence_penalty != 0) | (t.frequency_penalty != 0)
+    x = jax.lax.cond(jnp.any(penalized), lambda: _apply_penalties(logits, t), lambda: logits)
+    x = jax.lax.cond(jnp.any(t.step < t.min_tokens), lambda: _ban_stop_ids(x, t), lambda: x)
+    tokens = _choose(x, t)
+    none = (
+        jnp.zeros(batch, jnp.float32),
+        jnp.zeros((batch, MAX_LOGPROBS), jnp.int32),
+        jnp.zeros((batch, MAX_LOGPROBS), jnp.float32),
+    )
+    chosen, top_ids, top_logprobs = jax.lax.cond(
+        jnp.any(t.num_logprobs >= 0), lambda: _logprobs(logits, tokens), lambda: none
+    )
+    return SampleOutput(tokens, chosen, top_ids, top_logprobs)

@@ -4,46 +4,87 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+# Most stop token ids a request may carry (they ride in a fixed-width array of the step).
+MAX_STOP_TOKEN_IDS = 16
+MAX_LOGPROBS = 20
+
 
 @dataclass(frozen=True)
 class SamplingParams:
     """How one request picks its tokens and when it stops.
 
     Attributes:
+      n: completions to generate for the prompt (they share the prompt's KV pages).
       temperature: 0 means greedy.
       top_k: keep the k most likely tokens; 0 or -1 keeps all.
       top_p: keep the smallest set of tokens whose probability reaches top_p.
+      min_p: drop tokens less likely than min_p times the most likely one.
+      repetition_penalty: > 1 discourages tokens of the prompt and the output (1: off).
+      presence_penalty, frequency_penalty: subtracted from the logits of output tokens, once /
+        per occurrence (0: off).
       seed: makes a sampled request reproducible, whatever else shares its batch.
-      max_tokens: most tokens to generate (None: until the context is full).
+      max_tokens: most tokens to generate (None: until the session is full).
+      min_tokens: EOS and stop tokens are impossible before this many tokens.
+      stop: strings that end the request (found across token boundaries); not in the text unless
+        ``include_stop_str_in_output``.
       stop_token_ids: tokens that end the request (besides EOS), not included in the text.
       ignore_eos: keep generating past EOS.
+      logprobs: return the chosen token's logprob and this many top alternatives (0-20).
       skip_special_tokens: leave special tokens out of the text.
     """
 
+    n: int = 1
     temperature: float = 1.0
     top_k: int = 0
     top_p: float = 1.0
+    min_p: float = 0.0
+    repetition_penalty: float = 1.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
     seed: int | None = None
     max_tokens: int | None = 16
+    min_tokens: int = 0
+    stop: tuple[str, ...] = field(default_factory=tuple)
     stop_token_ids: tuple[int, ...] = field(default_factory=tuple)
+    include_stop_str_in_output: bool = False
     ignore_eos: bool = False
+    logprobs: int | None = None
     skip_special_tokens: bool = True
 
     def __post_init__(self):
+        stop = (self.stop,) if isinstance(self.stop, str) else tuple(self.stop or ())
+        object.__setattr__(self, "stop", stop)
         object.__setattr__(self, "stop_token_ids", tuple(int(t) for t in self.stop_token_ids or ()))
         if self.top_k == -1:
             object.__setattr__(self, "top_k", 0)
-        if not self.temperature >= 0:
-            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
-        if not 0 < self.top_p <= 1:
-            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
-        if self.top_k < 0:
-            raise ValueError(f"top_k must be >= 0 (or -1 to disable), got {self.top_k}")
-        if self.max_tokens is not None and self.max_tokens < 1:
-            raise ValueError(f"max_tokens must be >= 1, got {self.max_tokens}")
-        if self.seed is not None and not 0 <= self.seed < 2**63:
-            raise ValueError(f"seed must be a non-negative 64-bit integer, got {self.seed}")
+        checks = [
+            (self.n >= 1, f"n must be >= 1, got {self.n}"),
+            (self.temperature >= 0, f"temperature must be >= 0, got {self.temperature}"),
+            (0 < self.top_p <= 1, f"top_p must be in (0, 1], got {self.top_p}"),
+            (self.top_k >= 0, f"top_k must be >= 0 (or -1 to disable), got {self.top_k}"),
+            (0 <= self.min_p <= 1, f"min_p must be in [0, 1], got {self.min_p}"),
+            (self.repetition_penalty > 0, f"repetition_penalty must be > 0, got {self.repetition_penalty}"),
+            (-2 <= self.presence_penalty <= 2, f"presence_penalty must be in [-2, 2], got {self.presence_penalty}"),
+            (-2 <= self.frequency_penalty <= 2, f"frequency_penalty must be in [-2, 2], got {self.frequency_penalty}"),
+            (self.max_tokens is None or self.max_tokens >= 1, f"max_tokens must be >= 1, got {self.max_tokens}"),
+            (self.min_tokens >= 0, f"min_tokens must be >= 0, got {self.min_tokens}"),
+            (self.max_tokens is None or self.min_tokens <= self.max_tokens,
+             f"min_tokens ({self.min_tokens}) must not exceed max_tokens ({self.max_tokens})"),
+            (self.seed is None or 0 <= self.seed < 2**63, f"seed must be a non-negative 64-bit integer, got {self.seed}"),
+            (self.logprobs is None or 0 <= self.logprobs <= MAX_LOGPROBS,
+             f"logprobs must be in [0, {MAX_LOGPROBS}], got {self.logprobs}"),
+            (len(self.stop_token_ids) <= MAX_STOP_TOKEN_IDS, f"at most {MAX_STOP_TOKEN_IDS} stop_token_ids"),
+            (all(isinstance(s, str) and s for s in stop), "stop strings must be non-empty strings"),
+            (all(t >= 0 for t in self.stop_token_ids), "stop_token_ids must be non-negative"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ValueError(message)
 
     @property
     def greedy(self) -> bool:
         return self.temperature == 0
+
+    @property
+    def penalized(self) -> bool:
+        return self.repetition_penalty != 1 or self.presence_penalty != 0 or self.frequency_penalty != 0

@@ -70,7 +70,7 @@ class Scheduler:
         self.waiting.appendleft(seq)
 
     def _admit(self, seq: Sequence) -> None:
-        pages, hashes = self.block_manager.match_prefix(seq.token_ids)
+        pages, hashes = self.block_manager.match_prefix(seq.token_ids, force=seq.leader is not None)
         seq.pages, seq.block_hashes = pages, hashes
         seq.num_computed = len(pages) * self.block_manager.page_size
         if seq.admitted < 0:
@@ -102,6 +102,8 @@ class Scheduler:
             if newly_admitted:
                 if out.preempted or len(self.running) >= self.max_batch_size:
                     break  # pages are short, or the batch is full: admit nobody this step
+                if not seq.ready:
+                    continue
                 self._admit(seq)
             n = min(seq.num_uncomputed, budget)
             if not self._reserve(seq, seq.num_computed + n):

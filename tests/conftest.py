@@ -32,3 +32,13 @@ def smollm2_dir() -> str:
 def smollm2_tokenizer_dir(smollm2_dir) -> str:
     """A directory holding only SmolLM2's tokenizer files (with its chat template)."""
     return smollm2_dir
+
+
+@pytest.fixture(scope="session")
+def tiny_chat_model(tmp_path_factory, smollm2_tokenizer_dir) -> str:
+    """A one-layer random Llama that speaks through SmolLM2's tokenizer and chat template."""
+    from tiny_models import build_tiny
+
+    path = tmp_path_factory.mktemp("tiny_chat") / "model"
+    build_tiny("llama", str(path), tokenizer_dir=smollm2_tokenizer_dir, num_hidden_layers=1, max_position_embeddings=4096)
+    return str(path)

@@ -1,17 +1,17 @@
 """`jaxinfer chat`: multi-turn sessions that reuse their KV, interruption, scripted stdin."""
 
+import asyncio
 import os
 import select
 import signal
 import subprocess
 import sys
-import threading
 import time
 
 import pytest
-from tiny_models import build_tiny
 
 from converters.loader import load_model
+from jaxinfer.async_engine import AsyncLLM
 from jaxinfer.cli.chat import ChatSession
 from jaxinfer.engine import LLMEngine
 from jaxinfer.engine_config import EngineConfig
@@ -22,15 +22,12 @@ ENGINE_FLAGS = ["--max-prefill-tokens", "64", "--cache-block-seq-len", "16", "--
 
 
 @pytest.fixture(scope="module")
-def chat_model(tmp_path_factory, smollm2_tokenizer_dir):
-    """A one-layer random model that speaks through SmolLM2's tokenizer and chat template."""
-    path = tmp_path_factory.mktemp("chat") / "model"
-    build_tiny("llama", str(path), tokenizer_dir=smollm2_tokenizer_dir, num_hidden_layers=1, max_position_embeddings=4096)
-    return str(path)
+def chat_model(tiny_chat_model):
+    return tiny_chat_model
 
 
 @pytest.fixture(scope="module")
-def session_parts(chat_model):
+def llm(chat_model):
     m = load_model(chat_model)
     engine = LLMEngine(
         m.config, m.params, m.tokenizer,
@@ -38,47 +35,63 @@ def session_parts(chat_model):
                      cache_max_entry_count=256, session_len=4096, enable_prefix_caching=True),
         m.dtype, warmup=False,
     )
-    return engine, m.tokenizer
+    llm = AsyncLLM(engine)
+    yield llm
+    llm.shutdown()
 
 
-def test_second_turn_prefills_only_its_new_tokens(session_parts):
-    engine, tokenizer = session_parts
-    session = ChatSession(engine, tokenizer, SamplingParams(temperature=0, max_tokens=20), system="Be brief.")
-    first = "".join(session.reply("Tell me about the sea."))
+def settled(engine, timeout=30):
+    """Wait until the engine thread has nothing left to do (aborts are applied between steps)."""
+    deadline = time.time() + timeout
+    while engine.has_unfinished_requests():
+        assert time.time() < deadline
+        time.sleep(0.01)
+    engine.block_manager.check_no_leaks()
+
+
+async def collect(stream, limit=None):
+    text = ""
+    async for delta in stream:
+        text += delta
+        if limit is not None and len(text) >= limit:
+            break
+    return text
+
+
+def test_second_turn_prefills_only_its_new_tokens(llm):
+    engine = llm.engine
+    session = ChatSession(llm, SamplingParams(temperature=0, max_tokens=20), system="Be brief.")
+    first = asyncio.run(collect(session.reply("Tell me about the sea.")))
     assert first and session.turns[1] == {"role": "assistant", "content": first}
+    settled(engine)
     before = engine.stats.prefill_tokens
-    full_prompt = tokenizer.apply_chat_template(session.system + session.turns + [{"role": "user", "content": "More."}])
-    "".join(session.reply("More."))
+    full_prompt = session.tokenizer.apply_chat_template(session.system + session.turns + [{"role": "user", "content": "More."}])
+    asyncio.run(collect(session.reply("More.")))
     prefilled = engine.stats.prefill_tokens - before
     assert prefilled < len(full_prompt) / 2, (prefilled, len(full_prompt))
     assert [t["role"] for t in session.turns] == ["user", "assistant", "user", "assistant"]
-    engine.block_manager.check_no_leaks()
+    settled(engine)
 
 
-def test_interrupted_reply_is_aborted_and_kept(session_parts):
-    engine, tokenizer = session_parts
-    session = ChatSession(engine, tokenizer, SamplingParams(temperature=0, max_tokens=500))
-    stream = session.reply("Count to a thousand.")
-    said = next(stream) + next(stream)
-    with pytest.raises(KeyboardInterrupt):
-        stream.throw(KeyboardInterrupt)
-    assert not engine.has_unfinished_requests()
-    engine.block_manager.check_no_leaks()
-    assert session.turns[-1] == {"role": "assistant", "content": said}
-    assert "".join(session.reply("Again?"))  # the session goes on
+def test_cancelled_reply_is_aborted_and_kept(llm):
+    session = ChatSession(llm, SamplingParams(temperature=0, max_tokens=500))
 
+    async def cancel_after_some_text():
+        task = asyncio.create_task(collect(session.reply("Count to a thousand.")))
+        while not (session.turns or task.done()):
+            await asyncio.sleep(0.005)
+            if llm.engine.stats.decode_tokens and not task.done():
+                task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
 
-def test_stop_event_ends_the_reply_at_a_step_boundary(session_parts):
-    engine, tokenizer = session_parts
-    session = ChatSession(engine, tokenizer, SamplingParams(temperature=0, max_tokens=500))
-    stop = threading.Event()
-    said = ""
-    for delta in session.reply("Count to a thousand.", stop):
-        said += delta
-        stop.set()
-    assert said and session.turns[-1] == {"role": "assistant", "content": said}
-    assert not engine.has_unfinished_requests()
-    engine.block_manager.check_no_leaks()
+    asyncio.run(cancel_after_some_text())
+    settled(llm.engine)
+    assert session.turns[-2]["content"] == "Count to a thousand."
+    said = session.turns[-1]["content"]
+    assert len(llm.engine.tokenizer.encode(said)) < 500  # cut short
+    assert asyncio.run(collect(session.reply("Again?")))  # the session goes on
+    settled(llm.engine)
 
 
 def test_scripted_stdin_one_turn_per_line(chat_model):

@@ -10,14 +10,26 @@ from jaxinfer.sampler import SamplingTensors, greedy, sample
 sample_jit = jax.jit(sample)
 
 
-def tensors(batch, temperature=1.0, top_k=0, top_p=1.0, seed=0, step=0):
+def tensors(batch, temperature=1.0, top_k=0, top_p=1.0, seed=0, step=0, vocab=0, **kw):
+    """SamplingTensors of ``batch`` rows; scalars broadcast, everything else at its neutral value."""
     full = lambda v, dt: np.broadcast_to(np.asarray(v, dt), (batch,)).copy()  # noqa: E731
     seeds = np.zeros((batch, 2), np.uint32)
     seeds[:, 1] = full(seed, np.uint32)
-    return SamplingTensors(
-        temperature=full(temperature, np.float32), top_k=full(top_k, np.int32),
-        top_p=full(top_p, np.float32), seed=seeds, step=full(step, np.int32),
+    fields = dict(
+        temperature=full(temperature, np.float32), top_k=full(top_k, np.int32), top_p=full(top_p, np.float32),
+        min_p=full(kw.pop("min_p", 0.0), np.float32),
+        repetition_penalty=full(kw.pop("repetition_penalty", 1.0), np.float32),
+        presence_penalty=full(kw.pop("presence_penalty", 0.0), np.float32),
+        frequency_penalty=full(kw.pop("frequency_penalty", 0.0), np.float32),
+        seed=seeds, step=full(step, np.int32),
+        history=kw.pop("history", np.full((batch, 4), vocab, np.int32)),
+        prompt_len=full(kw.pop("prompt_len", 0), np.int32),
+        min_tokens=full(kw.pop("min_tokens", 0), np.int32),
+        stop_ids=kw.pop("stop_ids", np.full((batch, 2), vocab, np.int32)),
+        num_logprobs=full(kw.pop("num_logprobs", -1), np.int32),
     )
+    assert not kw, kw
+    return SamplingTensors(**fields)
 
 
 def draws(logits, n, **kw):
@@ -28,13 +40,14 @@ def draws(logits, n, **kw):
     batch = logits.shape[0]
     tiled = jnp.tile(jnp.asarray(logits), (n, 1))
     seeds = np.repeat(np.arange(n), batch)
-    return np.asarray(sample_jit(tiled, tensors(n * batch, seed=seeds, **kw))).reshape(n, batch)
+    out = sample_jit(tiled, tensors(n * batch, seed=seeds, vocab=logits.shape[1], **kw))
+    return np.asarray(out.tokens).reshape(n, batch)
 
 
 def test_greedy_is_first_argmax():
     logits = jnp.array([[0.0, 3.0, 3.0, 1.0], [5.0, -1.0, 2.0, 5.0]])
     np.testing.assert_array_equal(greedy(logits), [1, 0])
-    np.testing.assert_array_equal(sample_jit(logits, tensors(2, temperature=0.0)), [1, 0])
+    np.testing.assert_array_equal(sample_jit(logits, tensors(2, temperature=0.0, vocab=4)).tokens, [1, 0])
 
 
 def test_top_k_one_is_greedy_and_top_k_restricts():
@@ -81,11 +94,11 @@ def test_masked_tokens_are_never_drawn():
 def test_seeded_rows_are_reproducible_and_independent_of_the_batch():
     rng = np.random.default_rng(2)
     logits = jnp.asarray(rng.standard_normal((4, 1000)), jnp.float32)
-    t = tensors(4, top_p=0.95, seed=[11, 12, 13, 14], step=[3, 3, 3, 3])
-    batch = np.asarray(sample_jit(logits, t))
-    alone = np.asarray(sample_jit(logits[2:3], tensors(1, top_p=0.95, seed=13, step=3)))
+    t = tensors(4, top_p=0.95, seed=[11, 12, 13, 14], step=[3, 3, 3, 3], vocab=1000)
+    batch = np.asarray(sample_jit(logits, t).tokens)
+    alone = np.asarray(sample_jit(logits[2:3], tensors(1, top_p=0.95, seed=13, step=3, vocab=1000)).tokens)
     assert batch[2] == alone[0]
-    other_step = np.asarray(sample_jit(logits, tensors(4, top_p=0.95, seed=[11, 12, 13, 14], step=4)))
+    other_step = np.asarray(sample_jit(logits, tensors(4, top_p=0.95, seed=[11, 12, 13, 14], step=4, vocab=1000)).tokens)
     assert (other_step != batch).any()
 
 
@@ -93,9 +106,66 @@ def test_seeded_rows_are_reproducible_and_independent_of_the_batch():
 def test_greedy_rows_ignore_sampled_neighbours(temperature):
     rng = np.random.default_rng(3)
     logits = jnp.asarray(rng.standard_normal((3, 400)), jnp.float32)
-    t = SamplingTensors(
-        temperature=np.array([0.0, temperature, 0.0], np.float32), top_k=np.array([0, 10, 0], np.int32),
-        top_p=np.array([1.0, 0.9, 1.0], np.float32), seed=np.zeros((3, 2), np.uint32), step=np.zeros(3, np.int32),
-    )
-    out = np.asarray(sample_jit(logits, t))
+    t = tensors(3, temperature=[0.0, temperature, 0.0], top_k=[0, 10, 0], top_p=[1.0, 0.9, 1.0], vocab=400)
+    out = np.asarray(sample_jit(logits, t).tokens)
     np.testing.assert_array_equal(out[[0, 2]], np.argmax(np.asarray(logits), -1)[[0, 2]])
+
+
+def test_min_p_keeps_tokens_near_the_best():
+    logits = jnp.log(jnp.array([[0.4, 0.3, 0.2, 0.06, 0.04] + [1e-7] * 195]))
+    got = draws(logits, 300, min_p=0.4)  # keep p >= 0.16: tokens 0, 1, 2
+    assert set(got[:, 0]) == {0, 1, 2}
+
+
+def penalized_reference(logits, history, prompt_len, rep, presence, frequency):
+    x = logits.astype(np.float64).copy()
+    seen = set(history)
+    counts = np.bincount(history[prompt_len:], minlength=len(x))
+    for t in seen:
+        x[t] = x[t] / rep if x[t] > 0 else x[t] * rep
+    return x - presence * (counts > 0) - frequency * counts
+
+
+def test_penalties_match_a_reference_and_leave_other_rows_alone():
+    rng = np.random.default_rng(4)
+    vocab = 50
+    logits = rng.standard_normal((2, vocab)).astype(np.float32) * 3
+    history = np.full((2, 12), vocab, np.int32)
+    hist = np.array([3, 4, 5, 7, 7, 7, 9, 3], np.int32)  # prompt 3 4 5, output 7 7 7 9 3
+    history[0, : len(hist)] = hist
+    t = tensors(2, temperature=0.0, vocab=vocab, history=history, prompt_len=[3, 0],
+                repetition_penalty=[1.3, 1.0], presence_penalty=[0.5, 0.0], frequency_penalty=[0.25, 0.0])
+    ref = penalized_reference(logits[0], hist, 3, 1.3, 0.5, 0.25)
+    # greedy on the penalized row picks the reference argmax; the other row is untouched
+    out = sample_jit(jnp.asarray(logits), t).tokens
+    assert out[0] == np.argmax(ref) and out[1] == np.argmax(logits[1])
+    # and the penalized distribution is what gets sampled: tempered draws follow softmax(ref)
+    n = 3000
+    got = draws(jnp.asarray(logits[:1]), n, history=np.repeat(history[:1], n, 0), prompt_len=3,
+                repetition_penalty=1.3, presence_penalty=0.5, frequency_penalty=0.25)[:, 0]
+    p = np.exp(ref - ref.max())
+    p /= p.sum()
+    freq = np.bincount(got, minlength=vocab) / n
+    assert np.all(np.abs(freq - p) <= 5 * np.sqrt(p * (1 - p) / n) + 2e-3)
+
+
+def test_min_tokens_bans_stop_ids_until_reached():
+    logits = jnp.array([[0.0, 5.0, 1.0, 0.5]])
+    stop_ids = np.array([[1, 4]], np.int32)  # 1 is EOS here; 4 = padding
+    early = sample_jit(logits, tensors(1, temperature=0.0, vocab=4, step=2, min_tokens=3, stop_ids=stop_ids))
+    late = sample_jit(logits, tensors(1, temperature=0.0, vocab=4, step=3, min_tokens=3, stop_ids=stop_ids))
+    assert int(early.tokens[0]) == 2 and int(late.tokens[0]) == 1
+
+
+def test_logprobs_are_the_raw_log_softmax():
+    rng = np.random.default_rng(5)
+    logits = rng.standard_normal((2, 300)).astype(np.float32)
+    t = tensors(2, temperature=[0.0, 0.7], vocab=300, num_logprobs=[5, -1], repetition_penalty=[1.5, 1.0],
+                history=np.array([[int(np.argmax(logits[0])), 300, 300, 300], [300] * 4], np.int32))
+    out = sample_jit(jnp.asarray(logits), t)
+    logp = logits[0] - np.log(np.exp(logits[0]).sum())
+    tok = int(out.tokens[0])
+    assert tok != np.argmax(logits[0])  # the penalty moved the choice...
+    np.testing.assert_allclose(out.logprobs[0], logp[tok], rtol=1e-5)  # ...not the reported logprob
+    np.testing.assert_array_equal(np.asarray(out.top_ids[0, :5]), np.argsort(-logp)[:5])
+    np.testing.assert_allclose(np.asarray(out.top_logprobs[0, :5]), np.sort(logp)[::-1][:5], rtol=1e-5)

@@ -1,44 +1,46 @@
 """``jaxinfer chat [MODEL]``: a streaming terminal chat with multi-turn history.
 
 With stdin a terminal it prompts for each turn; otherwise it reads one user turn per line and exits
-at EOF (``echo hi | jaxinfer chat``). Ctrl-C stops the reply being written, not the program.
-Earlier turns stay in the KV cache: the engine runs with prefix caching, so a new turn only
-prefills the tokens its full pages do not already hold.
+at EOF (``echo hi | jaxinfer chat``). Replies stream from ``AsyncLLM``, whose engine steps on its
+own thread: Ctrl-C cancels the reply being written (the engine aborts it between two steps), not
+the program. Earlier turns stay in the KV cache: the engine runs with prefix caching, so a new turn
+only prefills the tokens its full pages do not already hold.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
-import itertools
+import dataclasses
+import importlib
 import signal
 import sys
-import threading
-from typing import Iterator
+from typing import AsyncIterator
 
-from jaxinfer.engine import LLMEngine
-from jaxinfer.engine_config import add_engine_args
+from jaxinfer.async_engine import AsyncLLM
+from jaxinfer.engine_config import EngineConfig, add_engine_args
 from jaxinfer.sampling_params import SamplingParams
-from jaxinfer.tokenizer import Tokenizer
 
 PROMPT = "user> "
 
 
 class ChatSession:
-    """A conversation with one engine: ``reply(text)`` streams the answer and records both turns."""
+    """A conversation: ``reply(text)`` streams the answer and records both turns."""
 
-    def __init__(self, engine: LLMEngine, tokenizer: Tokenizer, sampling: SamplingParams, system: str | None = None):
-        if not tokenizer.has_chat_template:
-            raise ValueError("this model's tokenizer has no chat template")
-        self.engine = engine
+    def __init__(self, llm: AsyncLLM, sampling: SamplingParams, system: str | None = None):
+        tokenizer = llm.tokenizer
+        if tokenizer is None or not tokenizer.has_chat_template:
+            raise ValueError("chat needs a tokenizer with a chat template")
+        self.llm = llm
         self.tokenizer = tokenizer
         self.sampling = sampling
         self.system = [{"role": "system", "content": system}] if system else []
         self.turns: list[dict] = []
-        self._ids = itertools.count()
 
     def _prompt(self, user: str) -> list[int]:
         """The templated history plus the new turn, dropping the oldest turns that do not fit."""
-        room = self.engine.session_len - (self.sampling.max_tokens or 1)
+        session_len = self.llm.engine.session_len
+        room = session_len - (self.sampling.max_tokens or 1)
         while True:
             ids = self.tokenizer.apply_chat_template(self.system + self.turns + [{"role": "user", "content": user}])
             if len(ids) <= room or not self.turns:
@@ -47,28 +49,38 @@ class ChatSession:
         if len(ids) > room:
             raise ValueError(
                 f"the message is too long: {len(ids)} tokens with {self.sampling.max_tokens} to generate "
-                f"exceed the session length {self.engine.session_len}"
+                f"exceed the session length {session_len}"
             )
         return ids
 
-    def reply(self, user: str, stop: threading.Event | None = None) -> Iterator[str]:
-        """Stream text deltas of the reply to ``user``; the exchange joins the history when done.
-
-        Setting ``stop`` ends the reply at the next step boundary (what Ctrl-C does).
-        """
-        request_id = f"chat-{next(self._ids)}"
-        self.engine.add_request(request_id, self._prompt(user), self.sampling)
+    async def reply(self, user: str) -> AsyncIterator[str]:
+        """Stream text deltas of the reply to ``user``; the exchange joins the history when the
+        reply ends, also when it is cut short (what was said stays said)."""
+        prompt = self._prompt(user)
         text = ""
         try:
-            while self.engine.has_unfinished_requests() and not (stop and stop.is_set()):
-                for out in self.engine.step():
-                    new = out.outputs[0].text
-                    if len(new) > len(text):
-                        delta, text = new[len(text):], new
-                        yield delta
+            async for out in self.llm.generate(prompt, self.sampling):
+                delta = out.outputs[0].text if out.outputs else ""
+                if delta:
+                    text += delta
+                    yield delta
         finally:
-            self.engine.abort_request(request_id)  # a no-op unless interrupted; what was said stays
             self.turns += [{"role": "user", "content": user}, {"role": "assistant", "content": text}]
+
+
+async def stream_reply(session: ChatSession, user: str) -> bool:
+    """Print the reply as it comes; Ctrl-C cancels it (the engine aborts it between steps).
+    Returns whether it was stopped."""
+    loop = asyncio.get_running_loop()
+    loop.add_signal_handler(signal.SIGINT, asyncio.current_task().cancel)
+    try:
+        async for delta in session.reply(user):
+            print(delta, end="", flush=True)
+        return False
+    except asyncio.CancelledError:
+        return True
+    finally:
+        loop.remove_signal_handler(signal.SIGINT)
 
 
 def add_parser(commands) -> None:
@@ -90,30 +102,23 @@ def add_parser(commands) -> None:
 
 
 def run(args) -> int:
-    from converters.convert import embedded_model_path
     from converters.errors import CheckpointError
-    from converters.loader import load_model
-    from jaxinfer.engine_config import EngineConfig
+    from jaxinfer.llm import build_engine
 
     try:
-        loaded = load_model(args.model or embedded_model_path(), args.dtype)
-        if loaded.tokenizer is None:
-            raise ValueError(f"{loaded.path} has no tokenizer: chat needs one")
         sampling = SamplingParams(
             temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
             max_tokens=args.max_new_tokens, seed=args.seed,
         )
-        engine = LLMEngine(loaded.config, loaded.params, loaded.tokenizer, EngineConfig.from_args(args), loaded.dtype)
-        session = ChatSession(engine, loaded.tokenizer, sampling, args.system)
+        engine = build_engine(args.model, args.dtype, **dataclasses.asdict(EngineConfig.from_args(args)))
+        session = ChatSession(AsyncLLM(engine), sampling, args.system)
     except (CheckpointError, FileNotFoundError, ValueError) as e:
         print(f"jaxinfer chat: error: {e}", file=sys.stderr)
         return 1
     interactive = sys.stdin.isatty()
     if interactive:
-        try:
-            import readline  # noqa: F401 - line editing for input()
-        except ImportError:
-            pass
+        with contextlib.suppress(ImportError):
+            importlib.import_module("readline")  # gives input() line editing and history
         print("Type a message; Ctrl-C stops a reply, Ctrl-D quits.", file=sys.stderr)
     while True:
         try:
@@ -128,25 +133,11 @@ def run(args) -> int:
         user = user.strip()
         if not user:
             continue
-        stop = threading.Event()
         try:
-            with _sigint_sets(stop):
-                for delta in session.reply(user, stop):
-                    print(delta, end="", flush=True)
-            if stop.is_set():
+            if asyncio.run(stream_reply(session, user)):
                 print(" [stopped]", end="")
         except ValueError as e:
             print(f"error: {e}", file=sys.stderr)
         print(flush=True)
+    session.llm.shutdown()
     return 0
-
-
-@contextlib.contextmanager
-def _sigint_sets(event: threading.Event):
-    """While a reply streams, Ctrl-C sets ``event`` instead of raising: the engine is never
-    interrupted in the middle of a step (its cache buffers are donated to each step)."""
-    previous = signal.signal(signal.SIGINT, lambda *_: event.set())
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGINT, previous)
