@@ -186,7 +186,7 @@ def step_inputs(batch: int, q_len: int, context: int, page_size: int, pages_per_
 
 
 def new_cache(variant: str, num_layers: int, num_pages: int, page_size: int):
-    shape = (num_pages, page_size, KV_HEADS, HEAD_DIM)
+    shape = (num_pages, KV_HEADS, page_size, HEAD_DIM)
     if variant == "unrolled":
         return tuple(tuple(jnp.zeros(shape, jnp.float32) for _ in range(num_layers)) for _ in range(2))
     return tuple(jnp.zeros((num_layers, *shape), jnp.float32) for _ in range(2))

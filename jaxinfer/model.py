@@ -151,7 +151,7 @@ class LlamaModel(nn.Module):
 
     def __call__(self, tokens: jax.Array, meta: AttentionMetadata, cache: KVCache):
         """tokens ``[batch, seq]`` -> (hidden ``[batch, seq, embed]`` after the final norm, cache)."""
-        x = jnp.take(self.embed_tokens, tokens, axis=0)
+        x = self.embed_tokens.at[tokens].get(mode="promise_in_bounds")  # ids are checked on admission
         ks, vs = [], []
         for layer, k_pages, v_pages in zip(self.layers, cache.k, cache.v):
             x, k_pages, v_pages = layer(x, k_pages, v_pages, meta)

@@ -30,8 +30,8 @@ def make_case(rng, batch, q_len, heads, kv_heads, head_dim, page_size, seq_lens)
     num_pages = 1 + batch * pages_per_seq
     perm = rng.permutation(np.arange(1, num_pages))  # pages scattered over the pool
     tables = np.zeros((batch, pages_per_seq), np.int32)
-    k_pages = rng.standard_normal((num_pages, page_size, kv_heads, head_dim)).astype(np.float32)
-    v_pages = rng.standard_normal((num_pages, page_size, kv_heads, head_dim)).astype(np.float32)
+    k_pages = rng.standard_normal((num_pages, kv_heads, page_size, head_dim)).astype(np.float32)
+    v_pages = rng.standard_normal((num_pages, kv_heads, page_size, head_dim)).astype(np.float32)
     for b, s in enumerate(seq_lens):
         n = -(-s // page_size)
         tables[b, :n] = perm[b * pages_per_seq : b * pages_per_seq + n]
@@ -41,7 +41,8 @@ def make_case(rng, batch, q_len, heads, kv_heads, head_dim, page_size, seq_lens)
 
 
 def contiguous(pages, table, seq_len):
-    return pages[table].reshape(-1, *pages.shape[2:])[:seq_len]
+    """[seq_len, kv_heads, head_dim] of one sequence, from its pages [pages, kv_heads, page_size, head_dim]."""
+    return pages[table].transpose(0, 2, 1, 3).reshape(-1, *pages.shape[1::2])[:seq_len]
 
 
 # Every (heads, page size, q_len) combination; head dim and sliding window alternate across them
