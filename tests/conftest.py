@@ -10,7 +10,38 @@ import pathlib
 REPO = pathlib.Path(__file__).resolve().parents[1]
 os.environ.setdefault("JAXINFER_HOME", str(REPO / ".test-home"))
 
+import weakref  # noqa: E402
+
 import pytest  # noqa: E402
+
+from jaxinfer.engine import LLMEngine  # noqa: E402
+
+_ENGINES: "weakref.WeakSet[LLMEngine]" = weakref.WeakSet()
+_engine_init = LLMEngine.__init__
+
+
+def _tracked_init(self, *args, **kwargs):
+    _engine_init(self, *args, **kwargs)
+    _ENGINES.add(self)
+
+
+LLMEngine.__init__ = _tracked_init
+
+
+@pytest.fixture(autouse=True)
+def no_leaked_pages():
+    """After every test, every engine still alive is idle and each of its pages is free or held
+    only by the prefix cache."""
+    yield
+    problems = []
+    for engine in list(_ENGINES):
+        try:
+            assert not engine.has_unfinished_requests(), "an engine still has requests after the test"
+            engine.block_manager.check_no_leaks()
+        except AssertionError as e:
+            _ENGINES.discard(engine)  # report it once, not again after every later test
+            problems.append(str(e))
+    assert not problems, problems
 
 
 @pytest.fixture(scope="session")

@@ -27,16 +27,6 @@ def llm(tiny):
     return LLM(tiny, progress=False, **SMALL)
 
 
-@pytest.fixture(autouse=True)
-def no_leaked_pages(request):
-    yield
-    for name in request.fixturenames:
-        value = request.getfixturevalue(name)
-        if isinstance(value, LLM):
-            assert not value.engine.has_unfinished_requests()
-            value.engine.block_manager.check_no_leaks()
-
-
 def prompts(n, seed=0, lo=1, hi=70):
     rng = np.random.default_rng(seed)
     return [rng.integers(3, 256, size=int(rng.integers(lo, hi))).tolist() for _ in range(n)]

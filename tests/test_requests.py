@@ -37,16 +37,6 @@ def talker(tiny_chat_model):
     return LLM(tiny_chat_model, warmup=False, **SMALL)
 
 
-@pytest.fixture(autouse=True)
-def no_leaked_pages(request):
-    yield
-    for name in ("llm", "talker"):
-        if name in request.fixturenames:
-            engine = request.getfixturevalue(name).engine
-            assert not engine.has_unfinished_requests()
-            engine.block_manager.check_no_leaks()
-
-
 def tokens(out, i=0):
     return out.outputs[i].token_ids
 

@@ -1,0 +1,208 @@
+"""The peers that ``throughput.py`` measures jaxinfer against, on the same weights and prompts.
+
+- ``write_f32_gguf``: an F32 GGUF holding exactly the weights of the embedded Q4_1 GGUF (every
+  tensor dequantized with ``gguf.quants.dequantize``; all metadata copied), for llama.cpp.
+- ``LlamaCppPeer``: llama.cpp through ``llama-cpp-python`` (``make bench`` installs it), batch 1.
+- ``TransformersPeer``: ``transformers`` batched greedy ``generate`` in float32 on the GGUF.
+
+Every runner returns the same thing: for each request, ``[(time, tokens so far), ...]`` stamped
+with ``time.perf_counter()`` whenever the request got new tokens, plus the submission time and the
+generated token ids, so ``throughput.py`` computes every engine's figures with one function.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+
+
+@dataclass
+class Run:
+    """One timed batch: submission time, per-request (time, tokens so far) stamps, token ids."""
+
+    submitted: float
+    stamps: list[list[tuple[float, int]]]
+    tokens: list[list[int]] = field(default_factory=list)
+
+
+# -- the F32 GGUF ---------------------------------------------------------------------------------
+
+def f32_gguf_path(src: str) -> str:
+    from jaxinfer.home import jaxinfer_home
+
+    name = os.path.basename(src)
+    stem = name[: -len(".gguf")] if name.endswith(".gguf") else name
+    for suffix in (".Q4_1", ".Q4_0", ".Q8_0", ".F16"):
+        if stem.endswith(suffix):
+            stem = stem[: -len(suffix)]
+    return os.path.join(jaxinfer_home(), "bench", f"{stem}.F32.gguf")
+
+
+def write_f32_gguf(src_gguf: str, out_path: str | None = None, overwrite: bool = False) -> str:
+    """Write (once; cached under ``$JAXINFER_HOME/bench``) ``src_gguf`` with every tensor in F32.
+
+    Same tensor names, order and ggml shapes; every metadata key/value copied (tokenizer arrays,
+    chat template, ...) except ``general.file_type``, set to ``ALL_F32`` (0). The values are the
+    source's quantized values dequantized exactly (Q4_1: q*d + m), so the weights are the same
+    numbers, only stored wider.
+    """
+    import gguf
+
+    out_path = out_path or f32_gguf_path(src_gguf)
+    if os.path.exists(out_path) and not overwrite and os.path.getmtime(out_path) >= os.path.getmtime(src_gguf):
+        return out_path
+    os.makedirs(os.path.dirname(out_path), exist_ok=True)
+    reader = gguf.GGUFReader(src_gguf)
+    arch_field = reader.get_field(gguf.Keys.General.ARCHITECTURE)
+    arch = arch_field.contents()
+    tmp = out_path + f".tmp-{os.getpid()}"
+    writer = gguf.GGUFWriter(tmp, arch=arch, endianess=reader.endianess)
+    alignment = reader.get_field(gguf.Keys.General.ALIGNMENT)
+    if alignment is not None:
+        writer.data_alignment = alignment.contents()
+    wrote_file_type = False
+    for f in reader.fields.values():
+        if f.name == gguf.Keys.General.ARCHITECTURE or f.name.startswith("GGUF."):
+            continue  # the writer writes the header and the architecture itself
+        vtype = f.types[0]
+        sub_type = f.types[-1] if vtype == gguf.GGUFValueType.ARRAY else None
+        value = f.contents()
+        if f.name == gguf.Keys.General.FILE_TYPE:
+            value, wrote_file_type = int(gguf.LlamaFileType.ALL_F32), True
+        writer.add_key_value(f.name, value, vtype, sub_type=sub_type)
+    if not wrote_file_type:
+        writer.add_file_type(int(gguf.LlamaFileType.ALL_F32))
+    for t in reader.tensors:
+        # dequantize() returns numpy order (ggml's shape reversed), which add_tensor reverses back.
+        values = np.ascontiguousarray(gguf.quants.dequantize(t.data, t.tensor_type), dtype=np.float32)
+        expected = tuple(int(d) for d in reversed(t.shape.tolist()))
+        if values.shape != expected:
+            values = values.reshape(expected)
+        writer.add_tensor(t.name, values, raw_dtype=gguf.GGMLQuantizationType.F32)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    os.replace(tmp, out_path)
+    return out_path
+
+
+def check_f32_gguf(src_gguf: str, f32_gguf: str, tensors: int = 6) -> str:
+    """A short description of how the F32 file relates to the source (same names/shapes/values)."""
+    import gguf
+
+    a, b = gguf.GGUFReader(src_gguf), gguf.GGUFReader(f32_gguf)
+    names_a, names_b = [t.name for t in a.tensors], [t.name for t in b.tensors]
+    assert names_a == names_b, "tensor names or order differ"
+    assert all(list(x.shape) == list(y.shape) for x, y in zip(a.tensors, b.tensors)), "tensor shapes differ"
+    assert all(y.tensor_type == gguf.GGMLQuantizationType.F32 for y in b.tensors), "a tensor is not F32"
+    keys_a = {k for k in a.fields if not k.startswith("GGUF.")}
+    keys_b = {k for k in b.fields if not k.startswith("GGUF.")}
+    assert keys_a == keys_b, f"metadata keys differ: {sorted(keys_a ^ keys_b)}"
+    for k in keys_a - {gguf.Keys.General.FILE_TYPE}:
+        assert a.fields[k].contents() == b.fields[k].contents(), f"metadata {k} differs"
+    step = max(1, len(a.tensors) // tensors)
+    for x, y in list(zip(a.tensors, b.tensors))[::step]:
+        np.testing.assert_array_equal(gguf.quants.dequantize(x.data, x.tensor_type), np.asarray(y.data, np.float32))
+    types: dict[str, int] = {}
+    for t in a.tensors:
+        types[t.tensor_type.name] = types.get(t.tensor_type.name, 0) + 1
+    return (
+        f"{len(names_b)} tensors ({', '.join(f'{n} {k}' for k, n in sorted(types.items()))} in the source) "
+        f"all F32, same names/order/shapes, all {len(keys_a)} metadata keys copied "
+        f"(general.file_type -> ALL_F32), {os.path.getsize(f32_gguf) / 1e6:.0f} MB"
+    )
+
+
+# -- llama.cpp ------------------------------------------------------------------------------------
+
+class LlamaCppPeer:
+    """``llama_cpp.Llama`` at batch 1: greedy generation from a token-id prompt."""
+
+    def __init__(self, model_path: str, n_ctx: int, n_threads: int = 2):
+        import llama_cpp
+
+        self.version = llama_cpp.__version__
+        self.path = model_path
+        self.n_threads = n_threads
+        t = time.perf_counter()
+        self.llm = llama_cpp.Llama(
+            model_path=model_path, n_ctx=n_ctx, n_threads=n_threads, n_threads_batch=n_threads,
+            n_batch=512, verbose=False,
+        )
+        self.load_s = time.perf_counter() - t
+
+    def run(self, prompt: list[int], output_len: int) -> Run:
+        """Generate ``output_len`` tokens greedily (EOS does not stop it); stamp each token."""
+        llm = self.llm
+        llm.reset()  # no reuse of the previous run's prompt: every run computes its prefill
+        stamps: list[tuple[float, int]] = []
+        tokens: list[int] = []
+        submitted = time.perf_counter()
+        gen = llm.generate(prompt, temp=0.0, top_k=1, top_p=1.0, min_p=0.0, repeat_penalty=1.0, reset=True)
+        for tok in gen:
+            tokens.append(int(tok))
+            stamps.append((time.perf_counter(), len(tokens)))
+            if len(tokens) >= output_len:
+                break
+        gen.close()
+        return Run(submitted, [stamps], [tokens])
+
+
+# -- transformers ---------------------------------------------------------------------------------
+
+class TransformersPeer:
+    """``transformers`` greedy batched ``generate`` in float32, weights from the GGUF."""
+
+    def __init__(self, gguf_path: str, threads: int = 2):
+        import torch
+        from transformers import AutoModelForCausalLM
+        from transformers.utils import logging as hf_logging
+
+        torch.set_num_threads(threads)
+        hf_logging.disable_progress_bar()
+        self.torch = torch
+        t = time.perf_counter()
+        self.model = AutoModelForCausalLM.from_pretrained(
+            os.path.dirname(gguf_path), gguf_file=os.path.basename(gguf_path), dtype=torch.float32
+        ).eval()
+        self.load_s = time.perf_counter() - t
+        self.version = __import__("transformers").__version__
+        self.threads = torch.get_num_threads()
+        self.attention = self.model.config._attn_implementation
+        self.pad_id = 2  # SmolLM2: eos = pad = 2
+
+    def run(self, prompts: list[list[int]], output_len: int) -> Run:
+        """One ``generate`` over all prompts (left-padded), exactly ``output_len`` new tokens each."""
+        from transformers.generation.streamers import BaseStreamer
+
+        torch = self.torch
+        width = max(len(p) for p in prompts)
+        ids = torch.full((len(prompts), width), self.pad_id, dtype=torch.long)
+        mask = torch.zeros((len(prompts), width), dtype=torch.long)
+        for i, p in enumerate(prompts):
+            ids[i, width - len(p):] = torch.tensor(p, dtype=torch.long)
+            mask[i, width - len(p):] = 1
+        times: list[float] = []
+
+        class Clock(BaseStreamer):
+            def put(self, value):
+                times.append(time.perf_counter())
+
+            def end(self):
+                pass
+
+        with torch.inference_mode():
+            submitted = time.perf_counter()
+            out = self.model.generate(
+                ids, attention_mask=mask, do_sample=False, max_new_tokens=output_len, min_new_tokens=output_len,
+                pad_token_id=self.pad_id, streamer=Clock(),
+            )
+        # times[0]: the prompt, put before any forward; times[1:]: one per new token (whole batch).
+        assert len(times) == output_len + 1, (len(times), output_len)
+        per_token = [(t, k + 1) for k, t in enumerate(times[1:])]
+        tokens = [out[i, width:].tolist() for i in range(len(prompts))]
+        return Run(submitted, [list(per_token) for _ in prompts], tokens)
