@@ -69,6 +69,11 @@ class AsyncLLM:
     def tokenizer(self):
         return self.engine.tokenizer
 
+    @property
+    def alive(self) -> bool:
+        """Whether the engine thread is running and accepting requests."""
+        return not self._closed and self._thread.is_alive()
+
     async def generate(
         self, prompt_token_ids: Sequence[int], params: SamplingParams, request_id: str | None = None
     ) -> AsyncIterator[RequestOutput]:

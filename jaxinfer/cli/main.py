@@ -5,13 +5,13 @@ from __future__ import annotations
 import argparse
 import sys
 
-from jaxinfer.cli import chat, convert
+from jaxinfer.cli import chat, convert, serve
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="jaxinfer", description="LLM inference and serving on JAX/XLA")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for module in (chat, convert):
+    for module in (chat, convert, serve):
         module.add_parser(commands)
     return parser
 
