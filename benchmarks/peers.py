@@ -119,20 +119,60 @@ def check_f32_gguf(src_gguf: str, f32_gguf: str, tensors: int = 6) -> str:
 
 # -- llama.cpp ------------------------------------------------------------------------------------
 
-class LlamaCppPeer:
-    """``llama_cpp.Llama`` at batch 1: greedy generation from a token-id prompt."""
+_PROBE = """
+import sys, llama_cpp
+llm = llama_cpp.Llama(model_path=sys.argv[1], n_ctx=64, n_threads=2, n_batch=512, verbose=False)
+for tok in llm.generate(list(range(1000, 1016)), temp=0.0):
+    break
+"""
 
-    def __init__(self, model_path: str, n_ctx: int, n_threads: int = 2):
+
+def default_buffers_work(model_path: str) -> bool:
+    """Whether llama.cpp with its default (extra) buffer types survives a 16-token prompt.
+
+    In a subprocess, because it may not: on a CPU with AMX, llama.cpp puts quantized weights in
+    its AMX buffer type, and in the llama.cpp of llama-cpp-python 0.3.36 a matmul of more than one
+    row there (any prompt of 2+ tokens) dies of a general protection fault at ``ldtilecfg`` in
+    ``ggml_backend_amx_mul_mat`` on this project's Xeon (single-token decode works).
+    """
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-c", _PROBE, model_path], capture_output=True, timeout=300)
+    return proc.returncode == 0
+
+
+class LlamaCppPeer:
+    """``llama_cpp.Llama`` at batch 1: greedy generation from a token-id prompt.
+
+    ``extra_bufts=False`` turns off llama.cpp's extra buffer types (AMX, repacked weights: the
+    model parameter ``use_extra_bufts``, which ``Llama`` does not expose). ``n_batch=1`` feeds the
+    prompt one token per decode.
+    """
+
+    def __init__(self, model_path: str, n_ctx: int, n_threads: int = 2, n_batch: int = 512, extra_bufts: bool = True):
         import llama_cpp
+        import llama_cpp.llama_cpp as capi
 
         self.version = llama_cpp.__version__
         self.path = model_path
-        self.n_threads = n_threads
+        self.n_threads, self.n_batch, self.extra_bufts = n_threads, n_batch, extra_bufts
+        default_params = capi.llama_model_default_params
+
+        def model_params():
+            p = default_params()
+            p.use_extra_bufts = extra_bufts
+            return p
+
         t = time.perf_counter()
-        self.llm = llama_cpp.Llama(
-            model_path=model_path, n_ctx=n_ctx, n_threads=n_threads, n_threads_batch=n_threads,
-            n_batch=512, verbose=False,
-        )
+        capi.llama_model_default_params = model_params
+        try:
+            self.llm = llama_cpp.Llama(
+                model_path=model_path, n_ctx=n_ctx, n_threads=n_threads, n_threads_batch=n_threads,
+                n_batch=n_batch, verbose=False,
+            )
+        finally:
+            capi.llama_model_default_params = default_params
         self.load_s = time.perf_counter() - t
 
     def run(self, prompt: list[int], output_len: int) -> Run:
@@ -150,6 +190,9 @@ class LlamaCppPeer:
                 break
         gen.close()
         return Run(submitted, [stamps], [tokens])
+
+    def close(self) -> None:
+        self.llm.close()  # now, not in __del__ at interpreter exit (which fails noisily)
 
 
 # -- transformers ---------------------------------------------------------------------------------

@@ -17,7 +17,10 @@ Engines:
   - transformers: one greedy ``generate`` over the batch (left padding; the prompts are of equal
     length), ``min_new_tokens = max_new_tokens = output len``, ``--torch-threads`` threads.
   - llama.cpp (``llama-cpp-python``, ``make bench`` installs it): batch 1 only, ``Llama.generate``
-    greedy on the prompt's token ids, ``n_threads=2``, ``n_batch=512``; Q4_1 and F32 files.
+    greedy on the prompt's token ids, ``n_threads=2``, ``n_batch=512``; Q4_1 and F32 files. A
+    subprocess first checks that llama.cpp's default buffer types survive a prompt (on an AMX CPU
+    its AMX matmul crashes on prompts; ``peers.default_buffers_work``); if not, that file runs
+    without them, plus once with them and ``n_batch=1`` (prompt fed token by token).
 
 Figures per (engine, batch), each the median over ``--repeats`` repeats:
   - first-token latency: time from submission to a request's first token; median (and max) over
@@ -53,6 +56,8 @@ import time
 
 import numpy as np
 
+# No progress bars (transformers' GGUF loading draws one); tqdm reads this when it is imported.
+os.environ.setdefault("TQDM_DISABLE", "1")
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 
@@ -259,7 +264,8 @@ def plot(path: str, rows: list[dict], batches: list[int], title: str) -> None:
 
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.4))
     styles = {"jaxinfer": ("tab:blue", "o", "-"), "transformers": ("tab:orange", "s", "-"),
-              "llama.cpp Q4_1": ("tab:green", "^", ""), "llama.cpp F32": ("tab:red", "v", "")}
+              "llama.cpp Q4_1": ("tab:green", "^", ""), "llama.cpp Q4_1 AMX n_batch 1": ("tab:olive", "D", ""),
+              "llama.cpp F32": ("tab:red", "v", "")}
     for ax, key, label in ((axes[0], "total", "output tokens/s (total)"),
                            (axes[1], "decode_agg", "decode tokens/s (aggregate)")):
         for name, (color, marker, line) in styles.items():
@@ -275,6 +281,7 @@ def plot(path: str, rows: list[dict], batches: list[int], title: str) -> None:
         ax.set_xticklabels([str(b) for b in batches])
         ax.set_xlabel("batch size")
         ax.set_ylabel(label)
+        ax.set_ylim(bottom=0)
         ax.grid(True, alpha=0.3)
         ax.legend(fontsize=8)
     fig.suptitle(title, fontsize=10)
@@ -336,14 +343,32 @@ def main() -> None:
               f"attention {th.attention})", flush=True)
     llamas: dict[str, peers.LlamaCppPeer] = {}
     f32_note = ""
+    llama_notes: list[str] = []
     if not args.skip_llamacpp:
         t = time.perf_counter()
         f32_path = peers.write_f32_gguf(q4_path)
         f32_note = peers.check_f32_gguf(q4_path, f32_path)
         print(f"F32 GGUF {f32_path} ready in {time.perf_counter() - t:.1f} s: {f32_note}", flush=True)
-        for name, path in (("llama.cpp Q4_1", q4_path), ("llama.cpp F32", f32_path)):
-            llamas[name] = peers.LlamaCppPeer(path, n_ctx=n_in + n_out + 16, n_threads=args.llama_threads)
-            print(f"{name}: llama-cpp-python {llamas[name].version}, loaded in {llamas[name].load_s:.1f} s", flush=True)
+        n_ctx = n_in + n_out + 16
+        for label, path in (("Q4_1", q4_path), ("F32", f32_path)):
+            ok = peers.default_buffers_work(path)
+            llamas[f"llama.cpp {label}"] = peers.LlamaCppPeer(path, n_ctx, args.llama_threads, extra_bufts=ok)
+            if ok:
+                llama_notes.append(f"{label}: default buffer types")
+            else:
+                llama_notes.append(
+                    f"{label}: with its default buffer types (AMX on this CPU) llama.cpp dies on any prompt of 2+ "
+                    f"tokens (general protection fault at `ldtilecfg` in `ggml_backend_amx_mul_mat`), so the row "
+                    f"`llama.cpp {label}` runs with `use_extra_bufts=False` (no AMX, no repacking) and the row "
+                    f"`llama.cpp {label} AMX n_batch 1` keeps AMX and feeds the prompt one token per decode "
+                    f"(`n_batch=1`; its first-token latency is {n_in} single-token steps, its decode is AMX's)"
+                )
+                llamas[f"llama.cpp {label} AMX n_batch 1"] = peers.LlamaCppPeer(
+                    path, n_ctx, args.llama_threads, n_batch=1, extra_bufts=True
+                )
+        for name, peer in llamas.items():
+            print(f"{name}: llama-cpp-python {peer.version}, n_batch {peer.n_batch}, extra buffer types "
+                  f"{peer.extra_bufts}, loaded in {peer.load_s:.1f} s", flush=True)
 
     # Untimed warm-up of exactly the timed paths.
     for b in args.batch_list:
@@ -378,10 +403,12 @@ def main() -> None:
             record(name, 1, peer.run(prompts[0], n_out))
     load_after = load_average()
     elapsed = time.perf_counter() - t_start
+    for peer in llamas.values():
+        peer.close()
 
     # -- table ------------------------------------------------------------------------------------
-    order = ["jaxinfer", "transformers", "llama.cpp Q4_1", "llama.cpp F32"]
-    weights = {"jaxinfer": "fp32", "transformers": "fp32", "llama.cpp Q4_1": "Q4_1", "llama.cpp F32": "F32"}
+    order = ["jaxinfer", "transformers", *llamas]
+    weights = {"jaxinfer": "fp32", "transformers": "fp32", **{n: n.split()[1] for n in llamas}}
     rows = []
     for b in args.batch_list:
         for name in order:
@@ -415,7 +442,7 @@ def main() -> None:
     if ratio_parts:
         notes.append("- jaxinfer / transformers: " + "; ".join(ratio_parts) + ".")
     j1 = by.get(("jaxinfer", 1))
-    for name in ("llama.cpp F32", "llama.cpp Q4_1"):
+    for name in sorted(llamas, key=lambda n: ("F32" not in n, n)):
         lr = by.get((name, 1))
         if j1 and lr:
             notes.append(
@@ -447,7 +474,7 @@ def main() -> None:
 
     agreement = []
     jt1 = last_tokens.get(("jaxinfer", 1))
-    for name in ("transformers", "llama.cpp F32", "llama.cpp Q4_1"):
+    for name in ("transformers", *llamas):
         other = last_tokens.get((name, 1))
         if jt1 and other:
             agreement.append(f"{name} {agree(jt1[0], other[0])}/{n_out}")
@@ -487,7 +514,8 @@ def main() -> None:
         notes.append(
             f"- llama.cpp: `llama-cpp-python` {next(iter(llamas.values())).version} built from its sdist with "
             f"`CMAKE_ARGS=-DGGML_NATIVE=ON`; `Llama(n_ctx={n_in + n_out + 16}, n_threads={args.llama_threads}, "
-            f"n_batch=512)`, `generate(tokens, temp=0)` on the token ids, batch 1 only. F32 file: {f32_note}."
+            f"n_batch=512)`, `generate(tokens, temp=0)` on the token ids, batch 1 only. "
+            + "; ".join(llama_notes) + f". F32 file: {f32_note}."
         )
     notes.append(
         "- first-token latency: submission to a request's first token (median / max over the batch's requests; "
