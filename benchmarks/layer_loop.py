@@ -34,7 +34,7 @@ import jax.numpy as jnp
 import numpy as np
 from report import append_results, command_line, date_utc, load_average, machine_line
 
-from jaxinfer.kv_cache import TRASH_PAGE, AttentionMetadata, write_kv
+from jaxinfer.kv_cache import TRASH_PAGE, AttentionMetadata, LayerCache, write_kv
 from jaxinfer.sampler import greedy
 from pallas_kernels.paged_attention import paged_attention_reference
 
@@ -95,14 +95,14 @@ def linear(x, w):
 
 
 def decoder_layer(w, x, k_pages, v_pages, meta: AttentionMetadata):
-    """As jaxinfer.model.DecoderLayer: x ``[batch, seq, hidden]``; pages ``[pages, page_size, kv, d]``."""
+    """As jaxinfer.model.DecoderLayer: x ``[batch, seq, hidden]``; pages ``[pages, kv, page_size, d]``."""
     batch, seq, _ = x.shape
     h = rms_norm(x, w["input_norm"])
     q = rope(linear(h, w["q"]).reshape(batch, seq, HEADS, HEAD_DIM), meta.positions)
     k = rope(linear(h, w["k"]).reshape(batch, seq, KV_HEADS, HEAD_DIM), meta.positions)
     v = linear(h, w["v"]).reshape(batch, seq, KV_HEADS, HEAD_DIM)
-    k_pages = write_kv(k_pages, meta.slot_mapping, k)
-    v_pages = write_kv(v_pages, meta.slot_mapping, v)
+    pools = write_kv(LayerCache(k_pages, v_pages, None, None), meta.slot_mapping, k, v)
+    k_pages, v_pages = pools.k, pools.v
     o = paged_attention_reference(
         q, k_pages, v_pages, meta.block_tables, meta.seq_lens, meta.positions, scale=HEAD_DIM**-0.5
     )

@@ -8,8 +8,7 @@ import os
 import numpy as np
 
 from converters.checkpoint import atomic_output_dir, is_converted_dir, write_checkpoint
-from converters.hf_config import model_config_from_hf
-from converters.loader import build_params, open_source, source_dtype
+from converters.loader import build_params, open_source, source_config, source_dtype
 from jaxinfer.home import jaxinfer_home
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
@@ -26,15 +25,18 @@ def _numpy_dtype(name: str) -> np.dtype:
     return np.dtype(ml_dtypes.bfloat16) if name == "bfloat16" else np.dtype(name)
 
 
-def convert(src: str, out: str, dtype: str = "auto", overwrite: bool = False, progress: bool = True) -> str:
+def convert(src: str, out: str, dtype: str = "auto", overwrite: bool = False, progress: bool = True,
+            model_format: str | None = None, keep_quantized: bool = False) -> str:
     """Convert ``src`` into ``out``; ``dtype`` "auto" keeps the source's float type (GGUF: float32).
+    ``keep_quantized`` keeps a GGUF's Q4_0/Q4_1/Q8_0 linears as integer codes (AutoAWQ
+    checkpoints always stay quantized).
 
     The output appears only when complete: it is written to a temporary sibling and renamed.
     """
     if dtype not in DTYPES:
         raise ValueError(f"unknown dtype {dtype!r}; choose from {', '.join(DTYPES)}")
     source = open_source(src)
-    config = model_config_from_hf(source.hf_config)
+    config = source_config(source, model_format, keep_quantized)
     target = source_dtype(source) if dtype == "auto" else _numpy_dtype(dtype)
     tokenizer = source.hf_tokenizer()
     params = build_params(source, config, target, progress)

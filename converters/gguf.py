@@ -16,6 +16,10 @@ from converters.errors import CheckpointError
 
 # GGUF general.architecture -> HF model_type.
 GGUF_ARCHITECTURES = {"llama": "llama", "qwen2": "qwen2", "qwen3": "qwen3"}
+# Block types that map exactly onto jaxinfer's packed format (pallas_kernels.int4_matmul), with
+# their code width; every one has blocks of 32 values.
+DIRECT_TYPES = {"Q4_0": 4, "Q4_1": 4, "Q8_0": 8}
+BLOCK = 32
 
 _LAYER_TENSORS = {
     "attn_q": "self_attn.q_proj",
@@ -134,6 +138,37 @@ class GGUFCheckpoint:
         elif self.architecture == "llama" and ".k_proj." in name:
             w = _unpermute(w, self.hf_config["num_key_value_heads"])
         return w
+
+    def tensor_type(self, name: str) -> str:
+        return self._tensors[name].tensor_type.name
+
+    def get_quantized(self, name: str, bits: int) -> dict[str, np.ndarray]:
+        """A ``DIRECT_TYPES`` weight (HF ``[out, in]``) as the packed ``[in, out]`` format with groups
+        of 32 and ``bits``-bit codes, exactly: no dequantize-requantize."""
+        from pallas_kernels.int4_matmul import pack_int4
+
+        t = self._tensors[name]
+        kind = t.tensor_type.name
+        out_rows = int(t.shape[1])
+        blocks = np.asarray(t.data).reshape(out_rows, -1, {"Q4_0": 18, "Q4_1": 20, "Q8_0": 34}[kind])
+        d = blocks[..., 0:2].copy().view(np.float16)[..., 0].astype(np.float32)  # [out, n_blocks]
+        if kind == "Q8_0":
+            codes = blocks[..., 2:34].copy().view(np.int8).reshape(out_rows, -1)
+            biases = np.zeros_like(d)
+        else:
+            nibbles = blocks[..., 4:20] if kind == "Q4_1" else blocks[..., 2:18]
+            codes = np.concatenate([nibbles & 0xF, nibbles >> 4], axis=-1).reshape(out_rows, -1)
+            biases = blocks[..., 2:4].copy().view(np.float16)[..., 0].astype(np.float32) if kind == "Q4_1" else -8 * d
+        if self.architecture == "llama" and (".q_proj." in name or ".k_proj." in name):
+            n_head = self.hf_config["num_attention_heads" if ".q_proj." in name else "num_key_value_heads"]
+            codes, d, biases = (_unpermute(a, n_head) for a in (codes, d, biases))
+        if bits == 4:
+            if kind == "Q8_0":
+                raise ValueError(f"{name} is Q8_0: it does not fit 4-bit codes")
+            qweight = pack_int4(np.ascontiguousarray(codes.T).astype(np.uint8))
+        else:
+            qweight = np.ascontiguousarray(codes.T).astype(np.int8)
+        return {"qweight": qweight, "scales": np.ascontiguousarray(d.T), "biases": np.ascontiguousarray(biases.T)}
 
     def hf_tokenizer(self):
         """The HF tokenizer (with its chat template) rebuilt from the GGUF metadata, or None if

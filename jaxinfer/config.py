@@ -40,11 +40,31 @@ class RopeScaling:
 
 
 @dataclass(frozen=True)
+class WeightQuant:
+    """Decoder linear layers stored as integer codes (``pallas_kernels.int4_matmul`` format).
+
+    ``method`` records where the codes came from: ``rtn``, ``awq``, ``gguf`` or ``autoawq``.
+    """
+
+    bits: int
+    group_size: int
+    method: str
+
+    def __post_init__(self):
+        if self.bits not in (4, 8):
+            raise ValueError(f"weight bits must be 4 or 8, got {self.bits}")
+        if self.group_size < 1:
+            raise ValueError(f"group_size must be >= 1, got {self.group_size}")
+
+
+@dataclass(frozen=True)
 class ModelConfig:
     """Shapes and options of one Llama-family model.
 
     ``architecture`` records where the weights came from (``llama``, ``mistral``, ``qwen2``,
     ``qwen3``, ``internlm2``); the network itself is fully described by the other fields.
+    ``weight_quant`` set means every decoder linear layer is stored quantized (embeddings, norms
+    and the LM head stay in the activation dtype).
     """
 
     architecture: str
@@ -67,6 +87,7 @@ class ModelConfig:
     sliding_window: int | None = None
     bos_token_id: int | None = None
     eos_token_ids: tuple[int, ...] = ()
+    weight_quant: WeightQuant | None = None
 
     def __post_init__(self):
         if self.num_heads % self.num_kv_heads:
@@ -117,6 +138,7 @@ class ModelConfig:
     def from_dict(cls, d: dict) -> "ModelConfig":
         d = dict(d)
         d["rope_scaling"] = RopeScaling(**d.get("rope_scaling") or {})
+        d["weight_quant"] = WeightQuant(**d["weight_quant"]) if d.get("weight_quant") else None
         d["eos_token_ids"] = tuple(d.get("eos_token_ids") or ())
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = set(d) - known

@@ -68,14 +68,16 @@ class LLMEngine:
         page_size = engine_config.cache_block_seq_len
         self.cache_plan = plan_cache(
             model_config, dtype, page_size, engine_config.cache_max_entry_count,
-            self.session_len, engine_config.max_batch_size,
+            self.session_len, engine_config.max_batch_size, engine_config.quant_policy,
         )
         logger.info(self.cache_plan.explanation)
         self.buckets = Buckets.create(
             engine_config.max_batch_size, engine_config.max_prefill_tokens, self.session_len, page_size,
             model_config.vocab_size,
         )
-        self.runner = ModelRunner(model_config, params, dtype, self.buckets, self.cache_plan.num_pages)
+        self.runner = ModelRunner(
+            model_config, params, dtype, self.buckets, self.cache_plan.num_pages, engine_config.quant_policy
+        )
         self.block_manager = BlockManager(self.cache_plan.num_pages, page_size, engine_config.enable_prefix_caching)
         self.scheduler = Scheduler(self.block_manager, engine_config.max_batch_size, engine_config.max_prefill_tokens)
         self.stats = EngineStats()

@@ -39,12 +39,15 @@ class EngineConfig:
     )
     session_len: int | None = _opt(None, "longest sequence (prompt + output); default: the model's context length")
     enable_prefix_caching: bool = _opt(False, "share KV pages between requests with a common prefix")
+    quant_policy: int = _opt(0, "KV cache quantization: 0 (off), 8 (int8) or 4 (int4), per token per head")
 
     def __post_init__(self):
         object.__setattr__(self, "cache_max_entry_count", parse_cache_max_entry_count(self.cache_max_entry_count))
         for name in ("max_batch_size", "max_prefill_tokens", "cache_block_seq_len"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.quant_policy not in (0, 4, 8):
+            raise ValueError(f"quant_policy must be 0, 4 or 8, got {self.quant_policy}")
         if self.session_len is not None and self.session_len < 2:
             raise ValueError(f"session_len must be >= 2, got {self.session_len}")
 
@@ -64,5 +67,7 @@ def add_engine_args(parser: argparse.ArgumentParser, **defaults) -> None:
             group.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, help=help_text)
         elif f.name == "cache_max_entry_count":
             group.add_argument(flag, type=parse_cache_max_entry_count, default=default, help=help_text)
+        elif f.name == "quant_policy":
+            group.add_argument(flag, type=int, choices=(0, 4, 8), default=default, help=help_text)
         else:
             group.add_argument(flag, type=int, default=default, help=help_text)

@@ -1,6 +1,7 @@
 """The paged KV cache: one page pool per layer, and the metadata that addresses it in a step.
 
-Layout of a pool: ``[num_pages, kv_heads, page_size, head_dim]``: each page holds one contiguous
+Layout of a pool: ``[num_pages, kv_heads, page_size, head_dim]`` (codes of the quantized layout
+are described in ``LayerCache``): each page holds one contiguous
 ``[page_size, head_dim]`` block per KV head, so attention reads a page straight into the
 ``[batch, kv_heads, keys, head_dim]`` operand of its matmuls (the token-major layout cost a
 transpose of every gathered page: 40% of a batch-32 decode step on XLA:CPU), and a GPU kernel
@@ -10,6 +11,8 @@ tokens of a bucketed batch write their K/V there, so the jitted step needs no ma
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import os
 from dataclasses import dataclass
 
@@ -17,39 +20,71 @@ import jax
 import jax.numpy as jnp
 
 from jaxinfer.config import ModelConfig
+from pallas_kernels.paged_attention import quantize_kv
 
 TRASH_PAGE = 0
+QUANT_POLICIES = (0, 8, 4)
+
+
+@functools.partial(jax.tree_util.register_dataclass, data_fields=["k", "v", "k_scale_zero", "v_scale_zero"],
+                   meta_fields=["bits"])
+@dataclass(frozen=True)
+class LayerCache:
+    """One layer's page pools.
+
+    ``bits`` 0: ``k``, ``v`` are ``[num_pages, kv_heads, page_size, head_dim]`` in the cache dtype
+    and the scale/zero pools are None. ``bits`` 8 or 4 (``--quant-policy``): ``k``, ``v`` hold
+    uint8 codes (4 bits: two per byte along head_dim, ``[..., head_dim // 2]``) and
+    ``k_scale_zero``, ``v_scale_zero`` are float32 ``[num_pages, kv_heads, page_size, 2]``: each
+    token's and head's scale and zero (``value = code * scale + zero``).
+    """
+
+    k: jax.Array
+    v: jax.Array
+    k_scale_zero: jax.Array | None
+    v_scale_zero: jax.Array | None
+    bits: int = 0
 
 
 @jax.tree_util.register_dataclass
 @dataclass(frozen=True)
 class KVCache:
-    """Per-layer page pools; ``k[i]`` and ``v[i]`` are ``[num_pages, kv_heads, page_size, head_dim]``."""
-
-    k: tuple[jax.Array, ...]
-    v: tuple[jax.Array, ...]
+    layers: tuple[LayerCache, ...]
 
     @property
     def num_pages(self) -> int:
-        return self.k[0].shape[0]
+        return self.layers[0].k.shape[0]
 
     @property
     def page_size(self) -> int:
-        return self.k[0].shape[2]
+        return self.layers[0].k.shape[2]
 
     @staticmethod
-    def bytes_per_token(config: ModelConfig, dtype) -> int:
-        """K and V bytes one token takes over all layers."""
-        return 2 * config.num_layers * config.num_kv_heads * config.head_dim * jnp.dtype(dtype).itemsize
+    def bytes_per_token(config: ModelConfig, dtype, quant_policy: int = 0) -> int:
+        """K and V bytes one token takes over all layers (codes plus scales and zeros if quantized)."""
+        per_head = (
+            config.head_dim * jnp.dtype(dtype).itemsize if quant_policy == 0
+            else config.head_dim * quant_policy // 8 + 2 * 4
+        )
+        return 2 * config.num_layers * config.num_kv_heads * per_head
 
     @classmethod
-    def allocate(cls, config: ModelConfig, num_pages: int, page_size: int, dtype) -> "KVCache":
-        shape = (num_pages, config.num_kv_heads, page_size, config.head_dim)
-        zeros = lambda: jnp.zeros(shape, dtype)  # noqa: E731 - one buffer per layer, never shared
-        return cls(
-            k=tuple(zeros() for _ in range(config.num_layers)),
-            v=tuple(zeros() for _ in range(config.num_layers)),
-        )
+    def allocate(cls, config: ModelConfig, num_pages: int, page_size: int, dtype, quant_policy: int = 0) -> "KVCache":
+        if quant_policy not in QUANT_POLICIES:
+            raise ValueError(f"quant_policy must be one of {QUANT_POLICIES}, got {quant_policy}")
+        heads = (num_pages, config.num_kv_heads, page_size)
+
+        def layer() -> LayerCache:  # fresh buffers per layer: the step donates and updates each
+            if quant_policy == 0:
+                return LayerCache(jnp.zeros((*heads, config.head_dim), dtype), jnp.zeros((*heads, config.head_dim), dtype),
+                                  None, None, 0)
+            width = config.head_dim * quant_policy // 8
+            return LayerCache(
+                jnp.zeros((*heads, width), jnp.uint8), jnp.zeros((*heads, width), jnp.uint8),
+                jnp.zeros((*heads, 2), jnp.float32), jnp.zeros((*heads, 2), jnp.float32), quant_policy,
+            )
+
+        return cls(layers=tuple(layer() for _ in range(config.num_layers)))
 
 
 @jax.tree_util.register_dataclass
@@ -71,24 +106,40 @@ class AttentionMetadata:
     seq_lens: jax.Array
 
 
-def write_kv(pages: jax.Array, slot_mapping: jax.Array, values: jax.Array) -> jax.Array:
-    """Write new tokens into a page pool, in place when the pool is donated.
+def _scatter(pool: jax.Array, slots: jax.Array, values: jax.Array) -> jax.Array:
+    """``pool[page, :, offset] = values`` for each flat slot; ``values`` ``[tokens, kv_heads, ...]``."""
+    page_size = pool.shape[2]
+    return pool.at[slots // page_size, :, slots % page_size].set(values, mode="promise_in_bounds")
+
+
+def write_kv(cache: LayerCache, slot_mapping: jax.Array, k: jax.Array, v: jax.Array) -> LayerCache:
+    """Write new tokens into a layer's pools (quantizing them if the cache is), in place when the
+    pools are donated.
 
     Args:
-      pages: ``[num_pages, kv_heads, page_size, head_dim]``.
       slot_mapping: ``[batch, q_len]`` flat slots ``page * page_size + offset``.
-      values: ``[batch, q_len, kv_heads, head_dim]``.
+      k, v: ``[batch, q_len, kv_heads, head_dim]``.
     """
-    page_size = pages.shape[2]
     slots = slot_mapping.reshape(-1)
-    values = values.reshape(-1, *values.shape[2:]).astype(pages.dtype)  # [tokens, kv_heads, head_dim]
+    k = k.reshape(-1, *k.shape[2:])  # [tokens, kv_heads, head_dim]
+    v = v.reshape(-1, *v.shape[2:])
     if slots.shape[0] == 1:
         # XLA rewrites a one-row scatter into a dynamic-update-slice that copies the whole pool
         # on every step (measured: 5x slower batch-1 decode); a second write to the trash page
         # keeps it a scatter, which updates in place.
-        slots = jnp.concatenate([slots, jnp.full_like(slots, TRASH_PAGE * page_size)])
-        values = jnp.concatenate([values, values])
-    return pages.at[slots // page_size, :, slots % page_size, :].set(values, mode="promise_in_bounds")
+        slots = jnp.concatenate([slots, jnp.full_like(slots, TRASH_PAGE * cache.k.shape[2])])
+        k, v = jnp.concatenate([k, k]), jnp.concatenate([v, v])
+    if cache.bits == 0:
+        return dataclasses.replace(
+            cache, k=_scatter(cache.k, slots, k.astype(cache.k.dtype)), v=_scatter(cache.v, slots, v.astype(cache.v.dtype))
+        )
+    k_codes, k_sz = quantize_kv(k, cache.bits)
+    v_codes, v_sz = quantize_kv(v, cache.bits)
+    return dataclasses.replace(
+        cache,
+        k=_scatter(cache.k, slots, k_codes), v=_scatter(cache.v, slots, v_codes),
+        k_scale_zero=_scatter(cache.k_scale_zero, slots, k_sz), v_scale_zero=_scatter(cache.v_scale_zero, slots, v_sz),
+    )
 
 
 def available_memory_bytes() -> int:
@@ -118,12 +169,13 @@ class CachePlan:
 
 
 def plan_cache(
-    config: ModelConfig, dtype, page_size: int, max_entry_count: float | int, session_len: int, max_batch_size: int
+    config: ModelConfig, dtype, page_size: int, max_entry_count: float | int, session_len: int, max_batch_size: int,
+    quant_policy: int = 0,
 ) -> CachePlan:
     """Size the page pools: an int is a page count; a float is a fraction of the free memory
     (measured now, after the weights are loaded), capped at what ``max_batch_size`` full sessions
     can use."""
-    token_bytes = KVCache.bytes_per_token(config, dtype)
+    token_bytes = KVCache.bytes_per_token(config, dtype, quant_policy)
     page_bytes = token_bytes * page_size
     if isinstance(max_entry_count, int):
         pages = max_entry_count
@@ -139,8 +191,9 @@ def plan_cache(
             f"max_batch_size {max_batch_size} x {per_session} pages per {session_len}-token session = {by_batch} pages)"
         )
     num_pages = pages + 1  # + TRASH_PAGE
+    kind = f"int{quant_policy} K/V" if quant_policy else f"{jnp.dtype(dtype).name} K/V"
     explanation = (
         f"KV cache: {pages * page_size} tokens = {pages} pages x {page_size} tokens "
-        f"({token_bytes} bytes/token, {pages * page_bytes / 2**30:.2f} GiB); {why}"
+        f"({kind}, {token_bytes} bytes/token, {pages * page_bytes / 2**30:.2f} GiB); {why}"
     )
     return CachePlan(num_pages=num_pages, page_size=page_size, explanation=explanation)

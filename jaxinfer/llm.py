@@ -21,14 +21,19 @@ Prompt = Union[str, Sequence[int]]
 Message = dict
 
 
-def build_engine(model=None, dtype=None, warmup: bool = True, progress: bool = True, **engine_options) -> LLMEngine:
+def build_engine(model=None, dtype=None, warmup: bool = True, progress: bool = True, model_format: str | None = None,
+                 keep_quantized: bool | None = None, **engine_options) -> LLMEngine:
     """An engine for ``model``: an HF dir, a .gguf file, a converted dir (default: the embedded
-    SmolLM2), or an already loaded ``converters.loader.LoadedModel``. ``engine_options`` are the
-    fields of ``EngineConfig``. For asyncio callers: ``AsyncLLM(build_engine(...))``."""
+    SmolLM2), or an already loaded ``converters.loader.LoadedModel``. ``model_format`` and
+    ``keep_quantized`` are ``load_model``'s; ``engine_options`` are the fields of ``EngineConfig``.
+    For asyncio callers: ``AsyncLLM(build_engine(...))``."""
     from converters.convert import embedded_model_path
     from converters.loader import LoadedModel, load_model
 
-    loaded = model if isinstance(model, LoadedModel) else load_model(model or embedded_model_path(), dtype)
+    if isinstance(model, LoadedModel):
+        loaded = model
+    else:
+        loaded = load_model(model or embedded_model_path(), dtype, model_format=model_format, keep_quantized=keep_quantized)
     return LLMEngine(
         loaded.config, loaded.params, loaded.tokenizer, EngineConfig(**engine_options),
         loaded.dtype, warmup=warmup, progress=progress,
@@ -38,8 +43,8 @@ def build_engine(model=None, dtype=None, warmup: bool = True, progress: bool = T
 class LLM:
     """A model and its engine, for offline batches; arguments as ``build_engine``."""
 
-    def __init__(self, model=None, dtype=None, warmup: bool = True, progress: bool = True, **engine_options):
-        self.engine = build_engine(model, dtype, warmup, progress, **engine_options)
+    def __init__(self, model=None, dtype=None, warmup: bool = True, progress: bool = True, **options):
+        self.engine = build_engine(model, dtype, warmup, progress, **options)
         self.model_config = self.engine.model_config
         self._ids = itertools.count()
 

@@ -22,8 +22,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxinfer.config import ModelConfig
-from jaxinfer.kv_cache import AttentionMetadata, KVCache, write_kv
+from jaxinfer.config import ModelConfig, WeightQuant
+from jaxinfer.kv_cache import AttentionMetadata, KVCache, LayerCache, write_kv
+from pallas_kernels.int4_matmul import CODES_PER_WORD, int4_matmul, padded_rows
 from pallas_kernels.paged_attention import paged_attention
 
 Dtype = Any
@@ -34,17 +35,33 @@ def _param(module: nn.Module, name: str, shape, axes, dtype, init=nn.initializer
 
 
 class Linear(nn.Module):
-    """``y = x @ kernel (+ bias)`` with ``kernel`` ``[in, out]`` named by ``axes``."""
+    """``y = x @ W (+ bias)`` with ``W`` ``[in, out]`` named by ``axes``: a float ``kernel``, or with
+    ``quant`` set, ``qweight``/``scales``/``biases`` in the packed format of
+    ``pallas_kernels.int4_matmul``."""
 
     features: int
     axes: tuple[str, str]
     use_bias: bool = False
     dtype: Dtype = jnp.float32
+    quant: WeightQuant | None = None
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
-        kernel = _param(self, "kernel", (x.shape[-1], self.features), self.axes, self.dtype)
-        y = jnp.einsum("...i,io->...o", x, kernel)
+        n_in = x.shape[-1]
+        if self.quant is None:
+            kernel = _param(self, "kernel", (n_in, self.features), self.axes, self.dtype)
+            y = jnp.einsum("...i,io->...o", x, kernel)
+        else:
+            q = self.quant
+            rows = padded_rows(n_in, q.group_size)
+            code_dtype = jnp.uint32 if q.bits == 4 else jnp.int8
+            zeros = nn.initializers.zeros
+            qweight = _param(self, "qweight", (rows // CODES_PER_WORD if q.bits == 4 else rows, self.features),
+                             self.axes, code_dtype, zeros)
+            groups = (rows // q.group_size, self.features)
+            scales = _param(self, "scales", groups, self.axes, self.dtype, nn.initializers.ones)
+            biases = _param(self, "biases", groups, self.axes, self.dtype, zeros)
+            y = int4_matmul(x, qweight, scales, biases)
         if self.use_bias:
             y = y + _param(self, "bias", (self.features,), self.axes[1:], self.dtype, nn.initializers.zeros)
         return y
@@ -78,13 +95,14 @@ class Attention(nn.Module):
     dtype: Dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, x, k_pages, v_pages, meta: AttentionMetadata):
-        """x: ``[batch, seq, embed]``; pages: ``[num_pages, page_size, kv_heads, head_dim]``."""
+    def __call__(self, x, cache: LayerCache, meta: AttentionMetadata):
+        """x: ``[batch, seq, embed]`` -> (``[batch, seq, embed]``, the layer's updated cache)."""
         c = self.config
         batch, seq, _ = x.shape
-        q = Linear(c.num_heads * c.head_dim, ("embed", "heads"), c.qkv_bias, self.dtype, name="q_proj")(x)
-        k = Linear(c.num_kv_heads * c.head_dim, ("embed", "kv_heads"), c.qkv_bias, self.dtype, name="k_proj")(x)
-        v = Linear(c.num_kv_heads * c.head_dim, ("embed", "kv_heads"), c.qkv_bias, self.dtype, name="v_proj")(x)
+        wq = c.weight_quant
+        q = Linear(c.num_heads * c.head_dim, ("embed", "heads"), c.qkv_bias, self.dtype, wq, name="q_proj")(x)
+        k = Linear(c.num_kv_heads * c.head_dim, ("embed", "kv_heads"), c.qkv_bias, self.dtype, wq, name="k_proj")(x)
+        v = Linear(c.num_kv_heads * c.head_dim, ("embed", "kv_heads"), c.qkv_bias, self.dtype, wq, name="v_proj")(x)
         q = q.reshape(batch, seq, c.num_heads, c.head_dim)
         k = k.reshape(batch, seq, c.num_kv_heads, c.head_dim)
         v = v.reshape(batch, seq, c.num_kv_heads, c.head_dim)
@@ -95,15 +113,15 @@ class Attention(nn.Module):
         q = apply_rope(q, meta.positions, inv_freq)
         k = apply_rope(k, meta.positions, inv_freq)
 
-        k_pages = write_kv(k_pages, meta.slot_mapping, k)
-        v_pages = write_kv(v_pages, meta.slot_mapping, v)
+        cache = write_kv(cache, meta.slot_mapping, k, v)
         o = paged_attention(
-            q, k_pages, v_pages, meta.block_tables, meta.seq_lens, meta.positions,
+            q, cache.k, cache.v, meta.block_tables, meta.seq_lens, meta.positions,
             scale=c.head_dim**-0.5, sliding_window=c.sliding_window,
+            k_scale_zero=cache.k_scale_zero, v_scale_zero=cache.v_scale_zero, kv_bits=cache.bits,
         )
         o = o.reshape(batch, seq, c.num_heads * c.head_dim)
-        o = Linear(c.hidden_size, ("heads", "embed"), c.o_bias, self.dtype, name="o_proj")(o)
-        return o, k_pages, v_pages
+        o = Linear(c.hidden_size, ("heads", "embed"), c.o_bias, self.dtype, wq, name="o_proj")(o)
+        return o, cache
 
 
 class MLP(nn.Module):
@@ -113,9 +131,10 @@ class MLP(nn.Module):
     @nn.compact
     def __call__(self, x):
         c = self.config
-        gate = Linear(c.intermediate_size, ("embed", "mlp"), c.mlp_bias, self.dtype, name="gate_proj")(x)
-        up = Linear(c.intermediate_size, ("embed", "mlp"), c.mlp_bias, self.dtype, name="up_proj")(x)
-        return Linear(c.hidden_size, ("mlp", "embed"), c.mlp_bias, self.dtype, name="down_proj")(
+        wq = c.weight_quant
+        gate = Linear(c.intermediate_size, ("embed", "mlp"), c.mlp_bias, self.dtype, wq, name="gate_proj")(x)
+        up = Linear(c.intermediate_size, ("embed", "mlp"), c.mlp_bias, self.dtype, wq, name="up_proj")(x)
+        return Linear(c.hidden_size, ("mlp", "embed"), c.mlp_bias, self.dtype, wq, name="down_proj")(
             nn.silu(gate) * up
         )
 
@@ -125,14 +144,14 @@ class DecoderLayer(nn.Module):
     dtype: Dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, x, k_pages, v_pages, meta: AttentionMetadata):
+    def __call__(self, x, cache: LayerCache, meta: AttentionMetadata):
         c = self.config
         h = RMSNorm(c.rms_norm_eps, dtype=self.dtype, name="input_norm")(x)
-        a, k_pages, v_pages = Attention(c, self.dtype, name="attn")(h, k_pages, v_pages, meta)
+        a, cache = Attention(c, self.dtype, name="attn")(h, cache, meta)
         x = x + a
         h = RMSNorm(c.rms_norm_eps, dtype=self.dtype, name="post_attention_norm")(x)
         x = x + MLP(c, self.dtype, name="mlp")(h)
-        return x, k_pages, v_pages
+        return x, cache
 
 
 class LlamaModel(nn.Module):
@@ -152,12 +171,11 @@ class LlamaModel(nn.Module):
     def __call__(self, tokens: jax.Array, meta: AttentionMetadata, cache: KVCache):
         """tokens ``[batch, seq]`` -> (hidden ``[batch, seq, embed]`` after the final norm, cache)."""
         x = self.embed_tokens.at[tokens].get(mode="promise_in_bounds")  # ids are checked on admission
-        ks, vs = [], []
-        for layer, k_pages, v_pages in zip(self.layers, cache.k, cache.v):
-            x, k_pages, v_pages = layer(x, k_pages, v_pages, meta)
-            ks.append(k_pages)
-            vs.append(v_pages)
-        return self.norm(x), KVCache(k=tuple(ks), v=tuple(vs))
+        updated = []
+        for layer, layer_cache in zip(self.layers, cache.layers):
+            x, layer_cache = layer(x, layer_cache, meta)
+            updated.append(layer_cache)
+        return self.norm(x), KVCache(layers=tuple(updated))
 
     def logits(self, hidden: jax.Array) -> jax.Array:
         """hidden ``[..., embed]`` -> float32 logits ``[..., vocab]``."""

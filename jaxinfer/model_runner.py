@@ -30,12 +30,12 @@ def _model_step(model: LlamaModel, params, cache: KVCache, tokens, meta: Attenti
 
 
 class ModelRunner:
-    def __init__(self, config: ModelConfig, params: Any, dtype, buckets: Buckets, num_pages: int):
+    def __init__(self, config: ModelConfig, params: Any, dtype, buckets: Buckets, num_pages: int, quant_policy: int = 0):
         self.config = config
         self.params = params
         self.buckets = buckets
         self.model = LlamaModel(config, dtype)
-        self.cache = KVCache.allocate(config, num_pages, buckets.page_size, dtype)
+        self.cache = KVCache.allocate(config, num_pages, buckets.page_size, dtype, quant_policy)
         self._step = jax.jit(functools.partial(_model_step, self.model), donate_argnums=(1,))
         self._no_history: dict[int, jax.Array] = {}  # per batch size: the all-padding history
 

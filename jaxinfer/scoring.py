@@ -1,4 +1,5 @@
-"""Logits at every position of whole sequences (for perplexity and for checks against HF)."""
+"""Whole sequences through the model at once: logits at every position (for perplexity and for
+checks against HF), and the cache layout that such one-shot runs use."""
 
 from __future__ import annotations
 
@@ -14,29 +15,37 @@ from jaxinfer.kv_cache import TRASH_PAGE, AttentionMetadata, KVCache
 from jaxinfer.model import LlamaModel
 
 
+def contiguous_metadata(lengths: Sequence[int], length: int) -> AttentionMetadata:
+    """Metadata for running sequences of ``lengths`` from position 0, padded to ``length``: row
+    ``i`` owns page ``i + 1`` of a cache whose pages are ``length`` tokens long."""
+    batch = len(lengths)
+    slots = np.full((batch, length), TRASH_PAGE * length, np.int32)
+    for i, n in enumerate(lengths):
+        slots[i, :n] = (i + 1) * length + np.arange(n)
+    return AttentionMetadata(
+        positions=np.tile(np.arange(length, dtype=np.int32), (batch, 1)),
+        slot_mapping=slots,
+        block_tables=np.arange(1, batch + 1, dtype=np.int32)[:, None],
+        seq_lens=np.asarray(lengths, np.int32),
+    )
+
+
 @functools.partial(jax.jit, static_argnums=(0,))
 def _all_logits(model: LlamaModel, params, tokens, meta, cache):
     hidden, _ = model.apply({"params": params}, tokens, meta, cache)
     return model.apply({"params": params}, hidden, method=LlamaModel.logits)
 
 
-def sequence_logits(config: ModelConfig, params: Any, sequences: Sequence[Sequence[int]], dtype=jnp.float32) -> list[np.ndarray]:
-    """Float32 logits ``[len_i, vocab]`` of each sequence, all run as one padded batch.
-
-    Each row gets one page as long as the longest sequence in a throwaway cache.
-    """
-    batch, length = len(sequences), max(len(s) for s in sequences)
-    tokens = np.zeros((batch, length), np.int32)
-    slots = np.full((batch, length), TRASH_PAGE * length, np.int32)
+def sequence_logits(config: ModelConfig, params: Any, sequences: Sequence[Sequence[int]], dtype=jnp.float32,
+                    quant_policy: int = 0) -> list[np.ndarray]:
+    """Float32 logits ``[len_i, vocab]`` of each sequence, all run as one padded batch in a
+    throwaway cache (one page per row, as long as the longest sequence; K/V quantized as
+    ``quant_policy`` says, so its effect is in the logits)."""
+    length = max(len(s) for s in sequences)
+    tokens = np.zeros((len(sequences), length), np.int32)
     for i, s in enumerate(sequences):
         tokens[i, : len(s)] = s
-        slots[i, : len(s)] = (i + 1) * length + np.arange(len(s))
-    meta = AttentionMetadata(
-        positions=np.tile(np.arange(length, dtype=np.int32), (batch, 1)),
-        slot_mapping=slots,
-        block_tables=np.arange(1, batch + 1, dtype=np.int32)[:, None],
-        seq_lens=np.array([len(s) for s in sequences], np.int32),
-    )
-    cache = KVCache.allocate(config, batch + 1, length, dtype)
+    meta = contiguous_metadata([len(s) for s in sequences], length)
+    cache = KVCache.allocate(config, len(sequences) + 1, length, dtype, quant_policy)
     logits = np.asarray(_all_logits(LlamaModel(config, dtype), params, tokens, meta, cache))
     return [logits[i, : len(s)] for i, s in enumerate(sequences)]

@@ -64,10 +64,12 @@ def test_reference_matches_dense_attention(heads_kv, head_dim, page_size, q_len,
     # lengths that end mid-page, exactly on a page boundary, and span several pages
     seq_lens = [q_len + 3, page_size, 2 * page_size + 5]
     q, kp, vp, tables, lens, q_pos = make_case(rng, 3, q_len, heads, kv_heads, head_dim, page_size, seq_lens)
-    out = np.asarray(paged_attention_reference(q, kp, vp, tables, lens, q_pos, scale=head_dim**-0.5, sliding_window=window))
-    for b, s in enumerate(seq_lens):
-        want = dense_attention(q[b], contiguous(kp, tables[b], s), contiguous(vp, tables[b], s), q_pos[b], s, window)
-        np.testing.assert_allclose(out[b], want, atol=2e-5, rtol=2e-5)
+    for per_iter in (1, 2):  # one page per loop iteration, or two read together (transposed)
+        out = np.asarray(paged_attention_reference(q, kp, vp, tables, lens, q_pos, scale=head_dim**-0.5,
+                                                   sliding_window=window, pages_per_iteration=per_iter))
+        for b, s in enumerate(seq_lens):
+            want = dense_attention(q[b], contiguous(kp, tables[b], s), contiguous(vp, tables[b], s), q_pos[b], s, window)
+            np.testing.assert_allclose(out[b], want, atol=2e-5, rtol=2e-5)
 
 
 def test_padding_rows_are_finite_and_do_not_disturb_others():
@@ -97,3 +99,20 @@ def test_bad_shapes_get_clear_errors():
         paged_attention_reference(q[:, :, :5], kp, vp, tables, lens, q_pos, scale=1.0)
     with pytest.raises(ValueError, match="block_tables"):
         paged_attention_reference(q, kp, vp, tables[:1], lens, q_pos, scale=1.0)
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_quantized_pages_attend_like_their_dequantized_values(bits):
+    from pallas_kernels.paged_attention import dequantize_kv, quantize_kv
+
+    rng = np.random.default_rng(5)
+    q, kp, vp, tables, lens, q_pos = make_case(rng, 2, 3, 8, 2, 16, 16, [7, 35])
+    k_codes, k_sz = quantize_kv(kp, bits)
+    v_codes, v_sz = quantize_kv(vp, bits)
+    got = paged_attention_reference(q, k_codes, v_codes, tables, lens, q_pos, scale=0.25,
+                                    k_scale_zero=k_sz, v_scale_zero=v_sz, kv_bits=bits)
+    want = paged_attention_reference(q, dequantize_kv(k_codes, k_sz, bits), dequantize_kv(v_codes, v_sz, bits),
+                                     tables, lens, q_pos, scale=0.25)
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=1e-5)
+    with pytest.raises(ValueError, match="k_scale_zero"):
+        paged_attention_reference(q, k_codes, v_codes, tables, lens, q_pos, scale=0.25, kv_bits=bits)

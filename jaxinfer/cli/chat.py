@@ -18,6 +18,7 @@ import sys
 from typing import AsyncIterator
 
 from jaxinfer.async_engine import AsyncLLM
+from jaxinfer.cli.model_args import add_model_args, loader_options
 from jaxinfer.engine_config import EngineConfig, add_engine_args
 from jaxinfer.sampling_params import SamplingParams
 
@@ -88,15 +89,13 @@ def add_parser(commands) -> None:
         "chat", help="chat with a model in the terminal",
         description="Streaming chat. Reads one user turn per line when stdin is not a terminal.",
     )
-    p.add_argument("model", nargs="?", default=None,
-                   help="HF directory, .gguf file or converted directory (default: the embedded SmolLM2-135M-Instruct)")
+    add_model_args(p)
     p.add_argument("--system", default=None, help="system prompt")
     p.add_argument("--temperature", type=float, default=0.7, help="0 for greedy (default: 0.7)")
     p.add_argument("--top-p", type=float, default=0.9, help="nucleus sampling (default: 0.9)")
     p.add_argument("--top-k", type=int, default=40, help="0 disables (default: 40)")
     p.add_argument("--max-new-tokens", type=int, default=512, help="longest reply (default: 512)")
     p.add_argument("--seed", type=int, default=None, help="seed for reproducible sampling")
-    p.add_argument("--dtype", default=None, help="float32 or bfloat16 (default: float32 on CPU, bfloat16 on GPU)")
     add_engine_args(p, max_batch_size=1, enable_prefix_caching=True)
     p.set_defaults(run=run)
 
@@ -110,7 +109,7 @@ def run(args) -> int:
             temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
             max_tokens=args.max_new_tokens, seed=args.seed,
         )
-        engine = build_engine(args.model, args.dtype, **dataclasses.asdict(EngineConfig.from_args(args)))
+        engine = build_engine(args.model, **loader_options(args), **dataclasses.asdict(EngineConfig.from_args(args)))
         session = ChatSession(AsyncLLM(engine), sampling, args.system)
     except (CheckpointError, FileNotFoundError, ValueError) as e:
         print(f"jaxinfer chat: error: {e}", file=sys.stderr)

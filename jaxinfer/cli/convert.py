@@ -17,6 +17,10 @@ def add_parser(commands) -> None:
     p.add_argument("out", help="output directory (must not exist unless --force)")
     p.add_argument("--dtype", choices=DTYPES, default="auto", help="weight dtype (default: the source's; GGUF: float32)")
     p.add_argument("--force", action="store_true", help="replace OUT if it exists")
+    p.add_argument("--model-format", choices=("hf", "awq", "gguf"), default=None,
+                   help="what SRC holds; 'awq' is required for HF AutoAWQ checkpoints")
+    p.add_argument("--keep-quantized", action="store_true",
+                   help="keep a GGUF's Q4_0/Q4_1/Q8_0 linear weights as integer codes")
     p.set_defaults(run=run)
 
 
@@ -25,7 +29,8 @@ def run(args) -> int:
     from converters.errors import CheckpointError
 
     try:
-        out = convert(args.src, args.out, args.dtype, overwrite=args.force)
+        out = convert(args.src, args.out, args.dtype, overwrite=args.force, model_format=args.model_format,
+                      keep_quantized=args.keep_quantized)
     except (CheckpointError, FileExistsError, ValueError) as e:
         print(f"jaxinfer convert: error: {e}", file=sys.stderr)
         return 1

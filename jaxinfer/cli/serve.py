@@ -8,6 +8,7 @@ import os
 import signal
 import sys
 
+from jaxinfer.cli.model_args import add_model_args, loader_options
 from jaxinfer.engine_config import EngineConfig, add_engine_args
 
 DEFAULT_PORT = 23333
@@ -19,8 +20,7 @@ def add_parser(commands) -> None:
         description="OpenAI-compatible server (chat completions, completions, streaming, metrics). "
         "Every shape bucket is compiled before it listens.",
     )
-    p.add_argument("model", nargs="?", default=None,
-                   help="HF directory, .gguf file or converted directory (default: the embedded SmolLM2-135M-Instruct)")
+    add_model_args(p)
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=DEFAULT_PORT)
     p.add_argument("--api-keys", nargs="*", default=[], help="accepted Bearer keys (default: no authentication)")
@@ -30,7 +30,6 @@ def add_parser(commands) -> None:
     p.add_argument("--served-model-name", default=None, help="the model id clients use (default: from MODEL)")
     p.add_argument("--shutdown-timeout", type=float, default=30.0,
                    help="seconds in-flight requests get to finish on SIGINT/SIGTERM before they are cancelled")
-    p.add_argument("--dtype", default=None, help="float32 or bfloat16 (default: float32 on CPU, bfloat16 on GPU)")
     add_engine_args(p, enable_prefix_caching=True)
     p.set_defaults(run=run)
 
@@ -70,7 +69,7 @@ def run(args) -> int:
     from server.app import ServerConfig, create_app
 
     try:
-        engine = build_engine(args.model, args.dtype, **dataclasses.asdict(EngineConfig.from_args(args)))
+        engine = build_engine(args.model, **loader_options(args), **dataclasses.asdict(EngineConfig.from_args(args)))
     except (CheckpointError, FileNotFoundError, ValueError) as e:
         print(f"jaxinfer serve: error: {e}", file=sys.stderr)
         return 1
