@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxinfer.config import ModelConfig
-from pallas_kernels.paged_attention import quantize_kv
+from pallas_kernels.paged_kv import quantize_kv
 
 TRASH_PAGE = 0
 QUANT_POLICIES = (0, 8, 4)

@@ -103,7 +103,7 @@ def test_bad_shapes_get_clear_errors():
 
 @pytest.mark.parametrize("bits", [8, 4])
 def test_quantized_pages_attend_like_their_dequantized_values(bits):
-    from pallas_kernels.paged_attention import dequantize_kv, quantize_kv
+    from pallas_kernels.paged_kv import dequantize_kv, quantize_kv
 
     rng = np.random.default_rng(5)
     q, kp, vp, tables, lens, q_pos = make_case(rng, 2, 3, 8, 2, 16, 16, [7, 35])

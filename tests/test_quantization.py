@@ -24,7 +24,7 @@ from jaxinfer.kv_cache import KVCache
 from jaxinfer.perplexity import perplexity
 from jaxinfer.scoring import sequence_logits
 from pallas_kernels.int4_matmul import dequantize, int4_matmul, pack_int4, unpack_int4
-from pallas_kernels.paged_attention import dequantize_kv, quantize_kv
+from pallas_kernels.paged_kv import dequantize_kv, quantize_kv
 
 JAXINFER = [sys.executable, "-m", "jaxinfer.cli.main"]
 
