@@ -62,3 +62,13 @@ def validate_paged_inputs(q, k_pages, v_pages, block_tables, seq_lens, q_positio
         raise ValueError(f"seq_lens must be [batch={batch}], got {seq_lens.shape}")
     if q_positions.shape != (batch, q_len):
         raise ValueError(f"q_positions must be [batch={batch}, q_len={q_len}], got {q_positions.shape}")
+
+
+def code_parts(codes: jax.Array, kv_bits: int) -> tuple[jax.Array, ...]:
+    """Inside a kernel: a tile of quantized pages ``[keys, stored]`` as dot operands, with no
+    interleave (Triton has none): int4 bytes split into their low nibbles (the even head_dim
+    elements) and high nibbles (the odd ones), which meet q's even and odd elements; int8 codes
+    as they are."""
+    if kv_bits == 4:
+        return codes & 0xF, codes >> 4
+    return (codes,)
