@@ -38,7 +38,7 @@ import statistics
 import time
 
 import numpy as np
-from report import READ_BANDWIDTH_GBS, append_results, command_line, date_utc, load_average, machine_line
+from report import READ_BANDWIDTH_GBS, append_section, load_average
 
 
 # Machine figures from FACTS.md.
@@ -320,22 +320,10 @@ def main() -> None:
     print("\n".join(notes))
 
     if args.write_results:
-        date = date_utc()
-        section = "\n".join(
-            [
-                f"## Prefill and decode, SmolLM2-135M fp32, batch 1: jaxinfer vs transformers ({date})",
-                "",
-                f"- command: `{command_line()}`",
-                f"- date: `{date}`",
-                "- " + machine_line(),
-                "",
-                *table,
-                "",
-                *notes,
-                "",
-            ]
+        append_section(
+            "Prefill and decode, SmolLM2-135M fp32, batch 1: jaxinfer vs transformers",
+            table, notes,
         )
-        append_results(section)
 
 
 if __name__ == "__main__":

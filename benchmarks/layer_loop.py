@@ -32,7 +32,7 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
-from report import append_results, command_line, date_utc, load_average, machine_line
+from report import append_section, load_average
 
 from jaxinfer.kv_cache import TRASH_PAGE, AttentionMetadata, LayerCache, write_kv
 from jaxinfer.sampler import greedy
@@ -336,22 +336,10 @@ def main() -> None:
     print("\n".join(notes))
 
     if args.write_results:
-        date = date_utc()
-        section = "\n".join(
-            [
-                f"## Layer loop: unrolled vs lax.scan, SmolLM2-shaped decoder fp32 ({date})",
-                "",
-                f"- command: `{command_line()}`",
-                f"- date: `{date}`",
-                "- " + machine_line(),
-                "",
-                *table,
-                "",
-                *notes,
-                "",
-            ]
+        append_section(
+            "Layer loop: unrolled vs lax.scan, SmolLM2-shaped decoder fp32",
+            table, notes,
         )
-        append_results(section)
 
 
 if __name__ == "__main__":

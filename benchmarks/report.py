@@ -66,3 +66,14 @@ def append_results(text: str) -> None:
             f.write(RESULTS_HEADER)
         f.write("\n" + text)
     print(f"appended to {os.path.relpath(RESULTS, REPO)}")
+
+
+def append_section(title: str, *blocks: list[str]) -> None:
+    """Append ``## title (date)`` with the command, date and machine, then ``blocks`` of lines
+    (a table, notes...) separated by blank lines, to RESULTS.md."""
+    date = date_utc()
+    lines = [f"## {title} ({date})", "", f"- command: `{command_line()}`", f"- date: `{date}`", "- " + machine_line()]
+    for block in blocks:
+        if block:
+            lines += ["", *block]
+    append_results("\n".join(lines) + "\n")

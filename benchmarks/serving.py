@@ -64,7 +64,7 @@ import numpy as np
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 
-from report import REPO, append_results, command_line, date_utc, load_average, machine_line  # noqa: E402
+from report import REPO, append_section, load_average  # noqa: E402
 
 import peers  # noqa: E402
 
@@ -853,23 +853,9 @@ def main() -> None:
     if args.plot and rows:
         plot(args.plot, rows, servers, args.concurrency_list, title)
     if args.write_results:
-        date = date_utc()
-        section = "\n".join([
-            f"## Serving, SmolLM2-135M over HTTP: jaxinfer vs llama-server ({date})",
-            "",
-            f"- command: `{command_line()}`",
-            f"- date: `{date}`",
-            "- " + machine_line(),
-            "",
-            *table,
-            "",
-            *goals,
-            *notes,
-            *([f"- Plot: `{os.path.relpath(args.plot, REPO)}` (output tok/s, median TTFT and median TPOT against "
-               f"concurrency; output tok/s against median TPOT, one point per level)."] if args.plot else []),
-            "",
-        ])
-        append_results(section)
+        plot_note = [f"- Plot: `{os.path.relpath(args.plot, REPO)}` (output tok/s, median TTFT and median TPOT "
+                     "against concurrency; output tok/s against median TPOT, one point per level)."] if args.plot else []
+        append_section("Serving, SmolLM2-135M over HTTP: jaxinfer vs llama-server", table, goals + notes + plot_note)
 
 
 if __name__ == "__main__":

@@ -61,7 +61,7 @@ os.environ.setdefault("TQDM_DISABLE", "1")
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 
-from report import REPO, append_results, command_line, date_utc, load_average, machine_line  # noqa: E402
+from report import REPO, append_section, load_average  # noqa: E402
 
 import peers  # noqa: E402
 
@@ -556,26 +556,12 @@ def main() -> None:
         plot(args.plot, rows, args.batch_list, title)
 
     if args.write_results:
-        date = date_utc()
-        section = "\n".join(
-            [
-                f"## Throughput, static batches, SmolLM2-135M fp32: jaxinfer vs transformers vs llama.cpp ({date})",
-                "",
-                f"- command: `{command_line()}`",
-                f"- date: `{date}`",
-                "- " + machine_line(),
-                "",
-                *table,
-                "",
-                *goals,
-                *notes,
-                *startup_lines,
-                *([f"- Plot: `{os.path.relpath(args.plot, REPO)}` (output tok/s total and decode tok/s aggregate "
-                   "against batch size; llama.cpp at batch 1 only)."] if args.plot else []),
-                "",
-            ]
+        plot_note = [f"- Plot: `{os.path.relpath(args.plot, REPO)}` (output tok/s total and decode tok/s aggregate "
+                     "against batch size; llama.cpp at batch 1 only)."] if args.plot else []
+        append_section(
+            "Throughput, static batches, SmolLM2-135M fp32: jaxinfer vs transformers vs llama.cpp",
+            table, goals + notes + startup_lines + plot_note,
         )
-        append_results(section)
 
 
 if __name__ == "__main__":
