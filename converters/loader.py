@@ -105,9 +105,9 @@ def build_params(source: Source, config: ModelConfig, dtype, progress: bool = Tr
 
 def keep_quantized_by_default() -> bool:
     """Whether GGUF integer weights stay packed: only where a kernel reads them in place (GPU).
-    On CPU the jnp path dequantizes every weight on every step: SmolLM2 Q4_1 decoded 3.6x slower
-    at batch 1 and 3.1x at batch 16 than with float weights (docs/ARCHITECTURE.md), so float is
-    the default there."""
+    On CPU the jnp path dequantizes every weight on every step: SmolLM2 Q4_1 decoded 4x slower
+    at batch 1 and 2.4x at batch 16 than with float weights (benchmarks/quant_speed.py, figures in
+    benchmarks/RESULTS.md), so float is the default there."""
     return default_dtype() == jnp.bfloat16
 
 
