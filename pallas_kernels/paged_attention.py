@@ -7,7 +7,7 @@ already written to the pages when attention runs.
 ``paged_decode_attention`` is the Pallas (Triton) kernel for decode: split-K over the pages of
 each sequence, a float32 online softmax per split, quantized pages dequantized in the kernel, and
 the splits merged in jnp. The dispatch point ``paged_attention`` routes ``q_len == 1`` to it, and
-prefill chunks to ``prefill_attention.prefill_attention``, when ``dispatch.implementation()`` asks
+prefill chunks to ``prefill_attention.prefill_attention_kernel``, when ``dispatch.implementation()`` asks
 for kernels.
 """
 
@@ -21,9 +21,9 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from pallas_kernels import dispatch
-from pallas_kernels.block_sizes import decode_attention_blocks
+from pallas_kernels.block_sizes import decode_attention_blocks, prefill_attention_blocks
 from pallas_kernels.paged_kv import MASK_VALUE, code_parts, dequantize_kv, validate_paged_inputs
-from pallas_kernels.prefill_attention import prefill_attention
+from pallas_kernels.prefill_attention import prefill_attention_kernel
 
 
 def paged_attention_reference(
@@ -396,31 +396,30 @@ def paged_attention(
 
     When ``dispatch.implementation()`` is ``"kernel"`` (or ``"interpret"``: on CPU, through Pallas'
     interpreter), decode (``q_len == 1``) runs ``paged_decode_attention`` with the block sizes of
-    ``block_sizes.decode_attention_blocks`` and prefill chunks run ``prefill_attention``;
-    otherwise the jnp reference runs.
+    ``block_sizes.decode_attention_blocks`` and prefill chunks run ``prefill_attention_kernel``
+    with those of ``block_sizes.prefill_attention_blocks``; otherwise the jnp reference runs.
     """
     implementation = dispatch.implementation()
-    if implementation in ("kernel", "interpret") and q.shape[1] > 1:
-        return prefill_attention(
-            q, k_pages, v_pages, block_tables, seq_lens, q_positions,
-            scale=scale, sliding_window=sliding_window,
-            k_scale_zero=k_scale_zero, v_scale_zero=v_scale_zero, kv_bits=kv_bits,
-            interpret=implementation == "interpret",
-        )
     if implementation in ("kernel", "interpret"):
         # Clear errors before the block sizes read the shapes.
         validate_paged_inputs(q, k_pages, v_pages, block_tables, seq_lens, q_positions, kv_bits)
-        blocks = decode_attention_blocks(
-            batch=q.shape[0], kv_heads=k_pages.shape[1], group=q.shape[2] // k_pages.shape[1],
-            page_size=k_pages.shape[2], pages_per_seq=block_tables.shape[1],
-        )
+        batch, q_len, heads, head_dim = q.shape
+        _, kv_heads, page_size, _ = k_pages.shape
+        common = dict(scale=scale, sliding_window=sliding_window, k_scale_zero=k_scale_zero,
+                      v_scale_zero=v_scale_zero, kv_bits=kv_bits, interpret=implementation == "interpret")
+        if q_len > 1:
+            kv_bytes = kv_bits / 8 if kv_bits else jnp.dtype(k_pages.dtype).itemsize
+            p = prefill_attention_blocks(q_len * heads // kv_heads, head_dim, page_size, kv_bytes)
+            return prefill_attention_kernel(
+                q, k_pages, v_pages, block_tables, seq_lens, q_positions, **common, block_rows=p.block_rows,
+                pages_per_iteration=p.pages_per_iteration, num_warps=p.num_warps, num_stages=p.num_stages,
+            )
+        d = decode_attention_blocks(batch=batch, kv_heads=kv_heads, group=heads // kv_heads, page_size=page_size,
+                                    pages_per_seq=block_tables.shape[1])
         return paged_decode_attention(
-            q, k_pages, v_pages, block_tables, seq_lens, q_positions,
-            scale=scale, sliding_window=sliding_window,
-            k_scale_zero=k_scale_zero, v_scale_zero=v_scale_zero, kv_bits=kv_bits,
-            block_h=blocks.block_h, pages_per_iteration=blocks.pages_per_iteration,
-            pages_per_split=blocks.pages_per_split, num_warps=blocks.num_warps, num_stages=blocks.num_stages,
-            interpret=implementation == "interpret",
+            q, k_pages, v_pages, block_tables, seq_lens, q_positions, **common, block_h=d.block_h,
+            pages_per_iteration=d.pages_per_iteration, pages_per_split=d.pages_per_split,
+            num_warps=d.num_warps, num_stages=d.num_stages,
         )
     return paged_attention_reference(
         q, k_pages, v_pages, block_tables, seq_lens, q_positions,

@@ -28,7 +28,6 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from pallas_kernels.block_sizes import prefill_attention_blocks
 from pallas_kernels.paged_kv import MASK_VALUE, code_parts, dequantize_kv, validate_paged_inputs
 
 HEAD_DIMS = (64, 128)
@@ -189,7 +188,8 @@ def prefill_attention_kernel(
     num_stages: int,
     interpret: bool = False,
 ) -> jax.Array:
-    """The Pallas kernel with explicit block sizes (``prefill_attention`` takes them from the table).
+    """The Pallas kernel; the dispatch point ``paged_attention`` passes the block sizes of
+    ``block_sizes.prefill_attention_blocks``.
 
     Args:
       q: ``[batch, q_len, heads, head_dim]`` float32, bfloat16 or float16 queries; head_dim 64 or 128.
@@ -307,34 +307,3 @@ def prefill_attention_reference(
     p = p / jnp.where(denom > 0, denom, 1.0)
     o = jnp.einsum("bkgts,bksd->btkgd", p, v, precision="highest")
     return o.reshape(batch, q_len, heads, head_dim).astype(q.dtype)
-
-
-def prefill_attention(
-    q: jax.Array,
-    k_pages: jax.Array,
-    v_pages: jax.Array,
-    block_tables: jax.Array,
-    seq_lens: jax.Array,
-    q_positions: jax.Array,
-    *,
-    scale: float,
-    sliding_window: int | None = None,
-    k_scale_zero: jax.Array | None = None,
-    v_scale_zero: jax.Array | None = None,
-    kv_bits: int = 0,
-    interpret: bool = False,
-) -> jax.Array:
-    """Prefill attention with the kernel, block sizes from ``block_sizes`` (shapes as in
-    ``prefill_attention_kernel``). ``interpret=True`` runs it on CPU."""
-    _validate(q, k_pages, v_pages, block_tables, seq_lens, q_positions, sliding_window,
-              k_scale_zero, v_scale_zero, kv_bits)
-    _, q_len, heads, head_dim = q.shape
-    kv_heads, page_size = k_pages.shape[1:3]
-    kv_bytes = kv_bits / 8 if kv_bits else jnp.dtype(k_pages.dtype).itemsize
-    blocks = prefill_attention_blocks(q_len * heads // kv_heads, head_dim, page_size, kv_bytes)
-    return prefill_attention_kernel(
-        q, k_pages, v_pages, block_tables, seq_lens, q_positions,
-        scale=scale, sliding_window=sliding_window, k_scale_zero=k_scale_zero, v_scale_zero=v_scale_zero,
-        kv_bits=kv_bits, block_rows=blocks.block_rows, pages_per_iteration=blocks.pages_per_iteration,
-        num_warps=blocks.num_warps, num_stages=blocks.num_stages, interpret=interpret,
-    )

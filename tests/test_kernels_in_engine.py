@@ -20,7 +20,7 @@ from pallas_kernels import dispatch, int4_matmul, paged_attention
 
 # (module whose dispatch point calls it, kernel entry)
 KERNELS = [(int4_matmul, "int4_matmul_kernel"), (paged_attention, "paged_decode_attention"),
-           (paged_attention, "prefill_attention")]
+           (paged_attention, "prefill_attention_kernel")]
 
 # head_dim 64 and two query heads per KV head: shapes the kernels are built for.
 TINY = dict(hidden_size=128, intermediate_size=256, num_attention_heads=2, num_key_value_heads=1, num_hidden_layers=2)

@@ -14,11 +14,9 @@ import pytest
 from pallas_kernels.block_sizes import prefill_attention_blocks
 from pallas_kernels.paged_attention import paged_attention_reference
 from pallas_kernels.paged_kv import quantize_kv
-from pallas_kernels.prefill_attention import (
-    prefill_attention,
-    prefill_attention_kernel,
-    prefill_attention_reference,
-)
+from pallas_kernels.dispatch import use_implementation
+from pallas_kernels.paged_attention import paged_attention
+from pallas_kernels.prefill_attention import prefill_attention_kernel, prefill_attention_reference
 
 # Compiling, not running, is what these tests spend their time on: every function runs jitted as a
 # whole (op-by-op dispatch compiles each op) and, without LLVM's optimizations, XLA:CPU compiles
@@ -81,6 +79,12 @@ def make_chunk_case(rng, *, group, kv_heads, head_dim, page_size, q_len, q_dtype
     return (q, k_pages, v_pages, tables, np.array(seq_lens, np.int32), q_pos), kwargs, real
 
 
+def dispatched(*args, interpret: bool, **kwargs):
+    """The engine's dispatch point running this kernel, with the block sizes of the table."""
+    with use_implementation("interpret" if interpret else "kernel"):
+        return paged_attention(*args, **kwargs)
+
+
 def run(fn, args, kwargs):
     """``fn(*args, **kwargs)`` as float32 numpy, jitted with the arrays as arguments and compiled with
     FAST_COMPILE."""
@@ -120,7 +124,7 @@ def test_kernel_matches_reference(group, page_size, q_dtype, kv_bits, head_dim, 
     args, kwargs, real = make_chunk_case(rng, group=group, kv_heads=2, head_dim=head_dim, page_size=page_size,
                                          q_len=Q_LEN, q_dtype=q_dtype, kv_bits=kv_bits)
     kwargs["sliding_window"] = window
-    got = run(prefill_attention, args, {**kwargs, "interpret": True})
+    got = run(dispatched, args, {**kwargs, "interpret": True})
     check_real_rows(got, oracle(args, kwargs), real, q_dtype)
 
 
@@ -147,7 +151,7 @@ def test_first_chunk_of_one_token_with_a_sliding_window():
     args, kwargs, real = make_chunk_case(rng, group=1, kv_heads=1, head_dim=64, page_size=16, q_len=Q_LEN,
                                          q_dtype="float32", kv_bits=0, first_tokens=1)
     kwargs["sliding_window"] = 4
-    got = run(prefill_attention, args, {**kwargs, "interpret": True})
+    got = run(dispatched, args, {**kwargs, "interpret": True})
     check_real_rows(got, oracle(args, kwargs), real, "float32")
     v_pages, tables = args[2], args[3]
     np.testing.assert_allclose(got[0, 0, 0], v_pages[tables[0, 0], 0, 0], atol=1e-6)  # it sees key 0 alone
@@ -181,8 +185,7 @@ def test_bad_inputs_get_clear_errors():
         ("head_dim must be one of", (q[..., :32], kp[..., :32], vp[..., :32], *args[3:]), kwargs),
         ("page_size must be one of", (q, kp[:, :, :8], vp[:, :, :8], *args[3:]), kwargs),
         ("float pages must have q's dtype", (q.astype(jnp.bfloat16), *args[1:]), kwargs),
-        ("q must be float32, bfloat16 or float16", (q.astype(jnp.float64), kp.astype(jnp.float64),
-                                                    vp.astype(jnp.float64), *args[3:]), kwargs),
+        ("q must be float32, bfloat16 or float16", (q.astype(jnp.int32), *args[1:]), kwargs),
         ("sliding_window", args, {**kwargs, "sliding_window": 0}),
         ("kv_bits must be", args, {**kwargs, "kv_bits": 2}),
         ("only for quantized pages", args, {**kwargs, "k_scale_zero": qkwargs["k_scale_zero"]}),
@@ -192,7 +195,7 @@ def test_bad_inputs_get_clear_errors():
     ]
     for message, a, kw in cases:
         with pytest.raises(ValueError, match=re.escape(message)):
-            prefill_attention(*a, **kw)
+            prefill_attention_kernel(*a, **kw, **knobs)
     for message, bad in [("block_rows", {"block_rows": 24}), ("pages_per_iteration", {"pages_per_iteration": 3})]:
         with pytest.raises(ValueError, match=message):
             prefill_attention_kernel(*args, **kwargs, **{**knobs, **bad})
@@ -224,8 +227,8 @@ def test_lowers_to_triton_for_cuda(q_len, group, page_size, q_dtype, kv_bits, he
     )
 
     def f(q, kp, vp, tables, lens, pos, k_sz, v_sz):
-        return prefill_attention(q, kp, vp, tables, lens, pos, scale=head_dim**-0.5, sliding_window=window,
-                                 k_scale_zero=k_sz, v_scale_zero=v_sz, kv_bits=kv_bits)
+        return dispatched(q, kp, vp, tables, lens, pos, scale=head_dim**-0.5, sliding_window=window,
+                          k_scale_zero=k_sz, v_scale_zero=v_sz, kv_bits=kv_bits, interpret=False)
 
     text = jax.jit(f).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
     assert "xla.gpu.triton" in text
