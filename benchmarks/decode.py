@@ -38,7 +38,7 @@ import statistics
 import time
 
 import numpy as np
-from report import READ_BANDWIDTH_GBS, append_section, load_average
+from report import READ_BANDWIDTH_GBS, load_average, publish
 
 
 # Machine figures from FACTS.md.
@@ -314,16 +314,8 @@ def main() -> None:
         f"{', '.join(f'{x:.1f}' for x in jx_decode_tps)}; transformers {', '.join(f'{x:.1f}' for x in th_decode_tps)}.",
         f"- Load: before `{load_before}`; after `{load_after}`.",
     ]
-    print()
-    print("\n".join(table))
-    print()
-    print("\n".join(notes))
-
-    if args.write_results:
-        append_section(
-            "Prefill and decode, SmolLM2-135M fp32, batch 1: jaxinfer vs transformers",
-            table, notes,
-        )
+    publish("Prefill and decode, SmolLM2-135M fp32, batch 1: jaxinfer vs transformers", table, notes,
+            write=args.write_results)
 
 
 if __name__ == "__main__":

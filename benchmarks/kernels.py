@@ -65,7 +65,7 @@ from dataclasses import dataclass
 import jax
 import jax.numpy as jnp
 import numpy as np
-from report import READ_BANDWIDTH_GBS, append_section, load_average
+from report import READ_BANDWIDTH_GBS, load_average, publish
 
 from jaxinfer.config import default_dtype
 from pallas_kernels import dispatch
@@ -486,16 +486,8 @@ def main() -> None:
         ),
         f"- Whole run {elapsed:.0f} s. Load: before `{load_before}`; after `{load_after}`.",
     ]
-    print()
-    print("\n".join(table))
-    print()
-    print("\n".join(notes))
-
-    if args.write_results:
-        append_section(
-            f"Kernels: bytes, GB/s and roofline fraction of the dispatch points, {impl} on {backend}",
-            table, notes,
-        )
+    publish(f"Kernels: bytes, GB/s and roofline fraction of the dispatch points, {impl} on {backend}", table, notes,
+            write=args.write_results)
 
 
 if __name__ == "__main__":

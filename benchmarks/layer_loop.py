@@ -32,7 +32,7 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
-from report import append_section, load_average
+from report import load_average, publish
 
 from jaxinfer.kv_cache import TRASH_PAGE, AttentionMetadata, LayerCache, write_kv
 from jaxinfer.sampler import greedy
@@ -330,16 +330,7 @@ def main() -> None:
         f"{'yes' if all(agreement) else 'NO'} ({sum(agreement)}/{len(agreement)} configurations).",
         f"- Load: before `{load_before}`; after `{load_after}`.",
     ]
-    print()
-    print("\n".join(table))
-    print()
-    print("\n".join(notes))
-
-    if args.write_results:
-        append_section(
-            "Layer loop: unrolled vs lax.scan, SmolLM2-shaped decoder fp32",
-            table, notes,
-        )
+    publish("Layer loop: unrolled vs lax.scan, SmolLM2-shaped decoder fp32", table, notes, write=args.write_results)
 
 
 if __name__ == "__main__":

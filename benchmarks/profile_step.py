@@ -5,8 +5,9 @@ Runs the embedded SmolLM2-135M-Instruct (float32) with ``--batch`` requests of a
 ``jax.profiler`` (the trace, viewable in Perfetto or TensorBoard, is kept under
 ``$JAXINFER_HOME/bench/profiles``) and sums the XLA ops' durations per kind: op names without
 their numeric suffix (``dot.481`` -> ``dot``; XLA:CPU runs some dots as YNNPACK library
-fusions, ``ynn_fusion``); for plain dots, weight GB/s = all weight bytes / their time. Ops nested in a loop (the attention's page loop) are counted both inside their loop and
-on their own line, so the kinds do not add up to the step.
+fusions, ``ynn_fusion``); for plain dots, weight GB/s = all weight bytes / their time. Ops nested
+in a loop (the attention's page loop) are counted both inside their loop and on their own line,
+so the kinds do not add up to the step.
 
     .venv/bin/python benchmarks/profile_step.py --batch 1 [--write-results]
 """
@@ -24,7 +25,7 @@ import statistics
 import time
 
 import numpy as np
-from report import append_section, load_average
+from report import load_average, publish
 
 # Host-side and runtime events in the trace (Python frames start with "$"): not XLA ops.
 NOT_OPS = ("$", "ThunkExecutor", "PjitFunction", "Common", "Parse", "np.", "Handle", "end:", "DevicePut",
@@ -67,7 +68,8 @@ def main() -> None:
         engine.step()
     for _ in range(3):  # warm: the decode bucket's first calls
         engine.step()
-    trace_dir = os.path.join(jaxinfer_home(), "bench", "profiles", f"decode-b{args.batch}-" + time.strftime("%Y%m%d-%H%M%S"))
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    trace_dir = os.path.join(jaxinfer_home(), "bench", "profiles", f"decode-b{args.batch}-{stamp}")
     step_s = []
     jax.profiler.start_trace(trace_dir)
     for _ in range(args.steps):
@@ -98,9 +100,8 @@ def main() -> None:
         f"- Slowest single op: `{slowest['name']}`, {slowest['dur'] / 1e3:.2f} ms.",
         f"- Load: before `{load_before}`; after `{load_average()}`.",
     ]
-    print("\n".join(rows + [""] + notes))
-    if args.write_results:
-        append_section(f"Decode step profile, SmolLM2-135M fp32, batch {args.batch}", rows, notes)
+    publish(f"Decode step profile, SmolLM2-135M fp32, batch {args.batch}", rows, notes,
+            write=args.write_results)
 
 
 if __name__ == "__main__":

@@ -22,7 +22,7 @@ import time
 import jax
 import ml_dtypes
 import numpy as np
-from report import append_section, load_average
+from report import load_average, publish
 
 from converters.awq import LINEARS, awq_scale, quantize_params
 from converters.calibration import calibration_tokens, pydoc_text
@@ -124,28 +124,25 @@ def main() -> None:
          f"(with the float32 scales and biases of CPU: {awq[3] / bf16_linear * 100:.1f}%)",
          awq_bf16_linear <= 0.3 * bf16_linear),
     ]
-    for text, ok in checks:
-        print(("MET: " if ok else "NOT MET: ") + text)
-    if args.write_results:
-        n_windows = len(tokens) // args.ctx
-        table = [
-            "| format | perplexity | vs float32 | weights MB | decoder linears MB | KV bytes/token |",
-            "|---|---:|---:|---:|---:|---:|",
-        ]
-        for name, ppl, weights, linears, kv, _ in results:
-            table.append(f"| {name} | {ppl:.4f} | {(ppl / f32 - 1) * 100:+.2f}% | {weights / 1e6:.1f} | "
-                         f"{linears / 1e6:.1f} | {kv} |")
-        notes = [*(f"- {'**MET**' if ok else '**NOT MET**'}: {text}" for text, ok in checks), (
-            f"- Perplexity: held-out `pydoc_data.topics` (the topics after the first 80% in sorted order; calibration "
-            f"draws from the first 80%), {n_windows} windows of {args.ctx} tokens, BOS first, second halves scored "
-            f"(llama.cpp's method). Weights and scales/biases of quantized layers are counted in their stored dtype "
-            f"(float32 scales and biases on CPU); embeddings, norms and the tied LM head stay float32."), (
-            f"- AWQ: `--search-scale`, calibration {args.calib_samples} x {args.calib_seqlen} tokens of the calibration "
-            f"part (LMDeploy's defaults are 128 x 2048; this CPU run uses fewer). GGUF Q4_1 direct: the file's own "
-            f"codes, scales and minimums (`--keep-quantized`), bit-exact to the `gguf` package's dequantization."),
-            f"- Load: before `{load_before}`; after `{load_average()}`. Whole run {(time.perf_counter() - t_start) / 60:.1f} min.",
-        ]
-        append_section("Quantization quality and memory, SmolLM2-135M-Instruct", table, notes)
+    n_windows = len(tokens) // args.ctx
+    table = [
+        "| format | perplexity | vs float32 | weights MB | decoder linears MB | KV bytes/token |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
+    for name, ppl, weights, linears, kv, _ in results:
+        table.append(f"| {name} | {ppl:.4f} | {(ppl / f32 - 1) * 100:+.2f}% | {weights / 1e6:.1f} | "
+                     f"{linears / 1e6:.1f} | {kv} |")
+    notes = [*(f"- {'**MET**' if ok else '**NOT MET**'}: {text}" for text, ok in checks), (
+        f"- Perplexity: held-out `pydoc_data.topics` (the topics after the first 80% in sorted order; calibration "
+        f"draws from the first 80%), {n_windows} windows of {args.ctx} tokens, BOS first, second halves scored "
+        f"(llama.cpp's method). Weights and scales/biases of quantized layers are counted in their stored dtype "
+        f"(float32 scales and biases on CPU); embeddings, norms and the tied LM head stay float32."), (
+        f"- AWQ: `--search-scale`, calibration {args.calib_samples} x {args.calib_seqlen} tokens of the calibration "
+        f"part (LMDeploy's defaults are 128 x 2048; this CPU run uses fewer). GGUF Q4_1 direct: the file's own "
+        f"codes, scales and minimums (`--keep-quantized`), bit-exact to the `gguf` package's dequantization."),
+        f"- Load: before `{load_before}`; after `{load_average()}`. Whole run {(time.perf_counter() - t_start) / 60:.1f} min.",
+    ]
+    publish("Quantization quality and memory, SmolLM2-135M-Instruct", table, notes, write=args.write_results)
 
 
 if __name__ == "__main__":

@@ -26,7 +26,7 @@ import statistics
 import time
 
 import numpy as np
-from report import append_section, load_average
+from report import load_average, publish
 
 PROMPT_TOKENS = 64
 
@@ -63,14 +63,16 @@ def main() -> None:
     from jaxinfer.home import jaxinfer_home
     from jaxinfer.llm import build_engine
 
-    awq_dirs = sorted(d for d in os.listdir(os.path.join(jaxinfer_home(), "bench")) if d.startswith("SmolLM2-135M-awq"))
+    bench_dir = os.path.join(jaxinfer_home(), "bench")
+    awq_dirs = sorted(d for d in os.listdir(bench_dir) if d.startswith("SmolLM2-135M-awq")) if os.path.isdir(
+        bench_dir) else []
     models = [
         ("float32", lambda: load_model(embedded_model_path(progress=False), np.float32, progress=False)),
         ("GGUF Q4_1 kept (int4 g32)",
          lambda: load_model(embedded_model_gguf(), np.float32, progress=False, keep_quantized=True)),
     ]
     if awq_dirs:
-        path = os.path.join(jaxinfer_home(), "bench", awq_dirs[-1])
+        path = os.path.join(bench_dir, awq_dirs[-1])
         models.append(("AWQ int4 g128", lambda: load_model(path, np.float32, progress=False)))
     engines = {}
     for name, load in models:
@@ -98,16 +100,14 @@ def main() -> None:
             ratio = statistics.median(x / y for x, y in zip(r, base))
             lines.append(f"| {name} | {b} | {statistics.median(r):.1f} | {' / '.join(f'{x:.1f}' for x in r)} | "
                          f"{ratio:.2f}x |")
-    print("\n".join(lines))
-    if args.write_results:
-        append_section("Decode speed of the weight formats, SmolLM2-135M, XLA:CPU", lines, [
-            f"- {PROMPT_TOKENS}-token prompts, {args.tokens} output tokens per request (greedy, ignore EOS), B requests "
-            f"at once; decode tok/s over the steps after every prefill; engines alternate, {args.repeats} repeats.",
-            "- Int4 weights run through the `int4_matmul` dispatch point's jnp reference (dequantize, then XLA's "
-            "dot) on CPU: the dequantization is paid on every step, so on this backend the float32 weights are "
-            "the default (`--keep-quantized` opts in; on GPU the Pallas kernel dequantizes in registers).",
-            f"- Load: before `{load_before}`; after `{load_average()}`.",
-        ])
+    publish("Decode speed of the weight formats, SmolLM2-135M, XLA:CPU", lines, [
+        f"- {PROMPT_TOKENS}-token prompts, {args.tokens} output tokens per request (greedy, ignore EOS), B requests "
+        f"at once; decode tok/s over the steps after every prefill; engines alternate, {args.repeats} repeats.",
+        "- Int4 weights run through the `int4_matmul` dispatch point's jnp reference (dequantize, then XLA's "
+        "dot) on CPU: the dequantization is paid on every step, so on this backend the float32 weights are "
+        "the default (`--keep-quantized` opts in; on GPU the Pallas kernel dequantizes in registers).",
+        f"- Load: before `{load_before}`; after `{load_average()}`.",
+    ], write=args.write_results)
 
 
 if __name__ == "__main__":

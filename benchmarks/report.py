@@ -68,12 +68,21 @@ def append_results(text: str) -> None:
     print(f"appended to {os.path.relpath(RESULTS, REPO)}")
 
 
-def append_section(title: str, *blocks: list[str]) -> None:
-    """Append ``## title (date)`` with the command, date and machine, then ``blocks`` of lines
-    (a table, notes...) separated by blank lines, to RESULTS.md."""
-    date = date_utc()
-    lines = [f"## {title} ({date})", "", f"- command: `{command_line()}`", f"- date: `{date}`", "- " + machine_line()]
-    for block in blocks:
-        if block:
-            lines += ["", *block]
-    append_results("\n".join(lines) + "\n")
+def publish(title: str, *blocks: list[str], write: bool) -> None:
+    """Print ``blocks`` of lines (a table, notes...) separated by blank lines; with ``write``, also
+    append them to RESULTS.md under ``## title (date)`` with the command, date and machine."""
+    blocks = [b for b in blocks if b]
+    print("\n" + "\n\n".join("\n".join(b) for b in blocks))
+    if write:
+        date = date_utc()
+        head = [f"## {title} ({date})", "", f"- command: `{command_line()}`", f"- date: `{date}`",
+                "- " + machine_line()]
+        append_results("\n\n".join("\n".join(b) for b in [head, *blocks]) + "\n")
+
+
+def plot_reference(path: str) -> str:
+    """How RESULTS.md names a plot: its path in the repository, or a note that it is elsewhere."""
+    path = os.path.abspath(path)
+    if path.startswith(REPO + os.sep):
+        return f"`{os.path.relpath(path, REPO)}`"
+    return f"written outside the repository (`{path}`), not kept"

@@ -64,7 +64,7 @@ import numpy as np
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 
-from report import REPO, append_section, load_average  # noqa: E402
+from report import REPO, load_average, plot_reference, publish  # noqa: E402
 
 import peers  # noqa: E402
 
@@ -846,16 +846,13 @@ def main() -> None:
 
     title = (f"SmolLM2-135M serving, {args.input_len} in / {args.output_len} out, closed loop "
              f"({time.strftime('%Y-%m-%d', time.gmtime())}, 2-core CPU, shared)")
-    print()
-    print("\n".join(table))
-    print()
-    print("\n".join(goals + notes))
+    plot_note = []
     if args.plot and rows:
         plot(args.plot, rows, servers, args.concurrency_list, title)
-    if args.write_results:
-        plot_note = [f"- Plot: `{os.path.relpath(args.plot, REPO)}` (output tok/s, median TTFT and median TPOT "
-                     "against concurrency; output tok/s against median TPOT, one point per level)."] if args.plot else []
-        append_section("Serving, SmolLM2-135M over HTTP: jaxinfer vs llama-server", table, goals + notes + plot_note)
+        plot_note = [f"- Plot: {plot_reference(args.plot)} (output tok/s, median TTFT and median TPOT against "
+                     "concurrency; output tok/s against median TPOT, one point per level)."]
+    publish("Serving, SmolLM2-135M over HTTP: jaxinfer vs llama-server", table, goals + notes + plot_note,
+            write=args.write_results)
 
 
 if __name__ == "__main__":

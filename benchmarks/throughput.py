@@ -61,7 +61,7 @@ os.environ.setdefault("TQDM_DISABLE", "1")
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 
-from report import REPO, append_section, load_average  # noqa: E402
+from report import REPO, load_average, plot_reference, publish  # noqa: E402
 
 import peers  # noqa: E402
 
@@ -548,20 +548,13 @@ def main() -> None:
 
     title = (f"SmolLM2-135M fp32, {n_in} in / {n_out} out, median of {args.repeats} "
              f"({time.strftime('%Y-%m-%d', time.gmtime())}, 2-core CPU, shared)")
-    print()
-    print("\n".join(table))
-    print()
-    print("\n".join(goals + notes + startup_lines))
+    plot_note = []
     if args.plot:
         plot(args.plot, rows, args.batch_list, title)
-
-    if args.write_results:
-        plot_note = [f"- Plot: `{os.path.relpath(args.plot, REPO)}` (output tok/s total and decode tok/s aggregate "
-                     "against batch size; llama.cpp at batch 1 only)."] if args.plot else []
-        append_section(
-            "Throughput, static batches, SmolLM2-135M fp32: jaxinfer vs transformers vs llama.cpp",
-            table, goals + notes + startup_lines + plot_note,
-        )
+        plot_note = [f"- Plot: {plot_reference(args.plot)} (output tok/s total and decode tok/s aggregate against "
+                     "batch size; llama.cpp at batch 1 only)."]
+    publish("Throughput, static batches, SmolLM2-135M fp32: jaxinfer vs transformers vs llama.cpp",
+            table, goals + notes + startup_lines + plot_note, write=args.write_results)
 
 
 if __name__ == "__main__":
