@@ -1,11 +1,11 @@
-"""Decode step time of SmolLM2-135M fp32 in the canonical parameter layout vs the engine's
-execution layout (``jaxinfer.model.ProjectionLayout``: fused q/k/v, o_proj in two column halves).
+"""Decode step time of SmolLM2-135M fp32 with separate q/k/v projections (the canonical tree)
+vs fused into one matmul (what the engine runs: ``jaxinfer.model.fuse_qkv_params``).
 
 Why it exists: on XLA:CPU a matrix-vector product whose weight is under ~2 MB runs on one core.
-SmolLM2's q/k/v/o projections are 0.4-1.3 MB each, so at batch 1 they stream at about half the
-machine's bandwidth; a fused q/k/v matmul is large enough for both cores, and two independent
-halves of o_proj run concurrently. The first table shows that threshold on single matmuls (a
-chain of distinct weights, ~300 MB in all so that they stream from memory, not from cache).
+SmolLM2's q/k/v projections are 0.4-1.3 MB each, so at batch 1 they stream at about half the
+machine's bandwidth; the fused [576, 960] one is large enough for both cores. The first table
+shows that threshold on single matmuls (a chain of distinct weights, ~300 MB in all so that they
+stream from memory, not from cache).
 
 Then two engines on the same weights (one process, one shared machine) decode the same prompt;
 repeats alternate between them. Per batch size: median step time over all decode steps of all
@@ -95,21 +95,20 @@ def main() -> None:
     from converters.convert import embedded_model_path
     from converters.loader import load_model
     from jaxinfer.llm import build_engine
-    from jaxinfer.model import CANONICAL
-    from jaxinfer.model_runner import ModelRunner, default_layout
+    from jaxinfer.model_runner import ModelRunner
 
     matmuls = matmul_table(runs=7)
     loaded = load_model(embedded_model_path(progress=False), jnp.float32, progress=False)
     prompt = prompt_ids(loaded.tokenizer, args.prompt_tokens)
     options = {"max_batch_size": max(batches), "session_len": args.prompt_tokens + args.decode_tokens + 64}
     engines = {}
-    for name, layout in (("canonical", CANONICAL), ("execution", default_layout())):
+    for name, fused in (("separate", False), ("fused", True)):
         engine = build_engine(loaded, warmup=False, progress=False, **options)
-        r = engine.runner  # same buckets and pages, the other layout
-        engine.runner = ModelRunner(loaded.config, loaded.params, loaded.dtype, r.buckets, r.cache.num_pages, 0, layout)
+        r = engine.runner  # same buckets and pages, the chosen projections
+        engine.runner = ModelRunner(loaded.config, loaded.params, loaded.dtype, r.buckets, r.cache.num_pages, 0, fused)
         engine.runner.warmup(progress=False)
         engines[name] = engine
-    rows = ["| batch | canonical ms/step | execution ms/step | canonical / execution | tokens equal |",
+    rows = ["| batch | separate q/k/v ms/step | fused ms/step | separate / fused | tokens equal |",
             "|---:|---:|---:|---:|---|"]
     for batch in batches:
         steps = {name: [] for name in engines}
@@ -120,17 +119,17 @@ def main() -> None:
                 steps[name] += s
                 tokens[name] += t
         med = {name: statistics.median(s) * 1e3 for name, s in steps.items()}
-        same = "yes" if tokens["canonical"] == tokens["execution"] else "**no**"
-        rows.append(f"| {batch} | {med['canonical']:.2f} | {med['execution']:.2f} | "
-                    f"{med['canonical'] / med['execution']:.2f}x | {same} |")
+        same = "yes" if tokens["separate"] == tokens["fused"] else "**no**"
+        rows.append(f"| {batch} | {med['separate']:.2f} | {med['fused']:.2f} | "
+                    f"{med['separate'] / med['fused']:.2f}x | {same} |")
         print(rows[-1], flush=True)
     notes = [
         (f"- SmolLM2-135M fp32 (embedded GGUF dequantized), {args.prompt_tokens}-token prompt, "
          f"{args.decode_tokens} greedy tokens per request, {args.repeats} repeats per engine alternating; "
-         f"median over all pure decode steps. Execution layout: {default_layout()}."),
+         f"median over all pure decode steps."),
         f"- Load: before `{load_before}`; after `{load_average()}`.",
     ]
-    publish("Decode layout: canonical vs fused/split attention projections, SmolLM2-135M fp32",
+    publish("Decode layout: separate vs fused q/k/v projections, SmolLM2-135M fp32",
             ["Single matmuls [1, K] x [K, N], streamed:", "", *matmuls], rows, notes,
             write=args.write_results)
 

@@ -12,13 +12,13 @@ slice before its matmuls) for a compile time that is still a few seconds at 30 l
 Every parameter carries logical axis names (``vocab``, ``embed``, ``heads``, ``kv_heads``, ``mlp``,
 ``head_dim``, ``norm``) so that tensor parallelism can shard it by rules, without touching this file.
 
-Checkpoints hold that canonical tree. The engine runs an execution layout made from it by
-``execution_params`` (see ``ProjectionLayout``): fewer, larger or concurrent matmuls at decode.
+Checkpoints hold that canonical tree; the engine runs it with q/k/v fused (``fuse_qkv_params``):
+on XLA:CPU a matrix-vector product whose weight is under ~2 MB runs on one core, and small
+models' q/k/v projections are under it, while the fused one is not (``benchmarks/decode_layout.py``).
 """
 
 from __future__ import annotations
 
-import dataclasses
 from typing import Any
 
 import flax.linen as nn
@@ -94,35 +94,13 @@ def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: np.ndarray) -> jax.
     return out.astype(x.dtype)
 
 
-@dataclasses.dataclass(frozen=True)
-class ProjectionLayout:
-    """How the attention projections are laid out for execution (measured on XLA:CPU at batch 1,
-    ``benchmarks/decode_layout.py``): XLA runs a matrix-vector product on one core when its
-    weight is under ~2 MB, so small models' q/k/v/o projections stream at half the bandwidth.
-
-    fuse_qkv: one ``qkv_proj`` whose output columns are q's, then k's, then v's: one larger
-      matmul instead of three small ones.
-    o_proj_parts: ``o_proj`` split into this many column blocks (``o_proj_0``...), independent
-      matmuls that XLA runs concurrently; their outputs are concatenated, so every output
-      element is computed exactly as by the whole matrix.
-    """
-
-    fuse_qkv: bool = False
-    o_proj_parts: int = 1
-
-
-CANONICAL = ProjectionLayout()
-
-
-def _column_blocks(features: int, parts: int) -> list[tuple[int, int]]:
-    """``parts`` contiguous (start, stop) column ranges covering ``features``."""
-    return [(features * i // parts, features * (i + 1) // parts) for i in range(parts)]
-
-
 class Attention(nn.Module):
+    """``fused_qkv``: one ``qkv_proj`` (output columns q's, then k's, then v's) instead of three
+    projections; see ``fuse_qkv_params``."""
+
     config: ModelConfig
     dtype: Dtype = jnp.float32
-    layout: ProjectionLayout = CANONICAL
+    fused_qkv: bool = False
 
     @nn.compact
     def __call__(self, x, cache: LayerCache, meta: AttentionMetadata):
@@ -131,7 +109,7 @@ class Attention(nn.Module):
         batch, seq, _ = x.shape
         wq = c.weight_quant
         q_dim, kv_dim = c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim
-        if self.layout.fuse_qkv:
+        if self.fused_qkv:
             qkv = Linear(q_dim + 2 * kv_dim, ("embed", "heads"), c.qkv_bias, self.dtype, wq, name="qkv_proj")(x)
             q, k, v = jnp.split(qkv, [q_dim, q_dim + kv_dim], axis=-1)
         else:
@@ -155,14 +133,8 @@ class Attention(nn.Module):
             k_scale_zero=cache.k_scale_zero, v_scale_zero=cache.v_scale_zero, kv_bits=cache.bits,
         )
         o = o.reshape(batch, seq, q_dim)
-        parts = self.layout.o_proj_parts
-        if parts == 1:
-            return Linear(c.hidden_size, ("heads", "embed"), c.o_bias, self.dtype, wq, name="o_proj")(o), cache
-        blocks = [
-            Linear(hi - lo, ("heads", "embed"), c.o_bias, self.dtype, wq, name=f"o_proj_{i}")(o)
-            for i, (lo, hi) in enumerate(_column_blocks(c.hidden_size, parts))
-        ]
-        return jnp.concatenate(blocks, axis=-1), cache
+        o = Linear(c.hidden_size, ("heads", "embed"), c.o_bias, self.dtype, wq, name="o_proj")(o)
+        return o, cache
 
 
 class MLP(nn.Module):
@@ -183,13 +155,13 @@ class MLP(nn.Module):
 class DecoderLayer(nn.Module):
     config: ModelConfig
     dtype: Dtype = jnp.float32
-    layout: ProjectionLayout = CANONICAL
+    fused_qkv: bool = False
 
     @nn.compact
     def __call__(self, x, cache: LayerCache, meta: AttentionMetadata):
         c = self.config
         h = RMSNorm(c.rms_norm_eps, dtype=self.dtype, name="input_norm")(x)
-        a, cache = Attention(c, self.dtype, self.layout, name="attn")(h, cache, meta)
+        a, cache = Attention(c, self.dtype, self.fused_qkv, name="attn")(h, cache, meta)
         x = x + a
         h = RMSNorm(c.rms_norm_eps, dtype=self.dtype, name="post_attention_norm")(x)
         x = x + MLP(c, self.dtype, name="mlp")(h)
@@ -201,12 +173,12 @@ class LlamaModel(nn.Module):
 
     config: ModelConfig
     dtype: Dtype = jnp.float32
-    layout: ProjectionLayout = CANONICAL
+    fused_qkv: bool = False
 
     def setup(self):
         c = self.config
         self.embed_tokens = _embedding(self, c, self.dtype)
-        self.layers = [DecoderLayer(c, self.dtype, self.layout, name=f"layers_{i}") for i in range(c.num_layers)]
+        self.layers = [DecoderLayer(c, self.dtype, self.fused_qkv, name=f"layers_{i}") for i in range(c.num_layers)]
         self.norm = RMSNorm(c.rms_norm_eps, dtype=self.dtype)
         if not c.tie_word_embeddings:
             self.lm_head = Linear(c.vocab_size, ("embed", "vocab"), dtype=self.dtype)
@@ -232,22 +204,15 @@ class LlamaModel(nn.Module):
         return out.astype(jnp.float32)
 
 
-def execution_params(params: Any, config: ModelConfig, layout: ProjectionLayout) -> Any:
-    """The canonical parameter tree (as checkpoints hold it) rearranged for ``layout``. Float and
-    packed linears alike keep their output columns on the last axis of every leaf (kernel,
-    qweight, scales, biases, bias), so columns concatenate and split the same way for all."""
-    if layout == CANONICAL:
-        return params
+def fuse_qkv_params(params: Any, config: ModelConfig) -> Any:
+    """The canonical tree (as checkpoints hold it) with each layer's q/k/v projections concatenated
+    into ``qkv_proj``, for ``LlamaModel(..., fused_qkv=True)``. Float and packed linears alike keep
+    their output columns on the last axis of every leaf (kernel, qweight, scales, biases, bias)."""
     out = dict(params)
     for i in range(config.num_layers):
         attn = dict(params[f"layers_{i}"]["attn"])
-        if layout.fuse_qkv:
-            q, k, v = (attn.pop(name) for name in ("q_proj", "k_proj", "v_proj"))
-            attn["qkv_proj"] = {leaf: jnp.concatenate([q[leaf], k[leaf], v[leaf]], axis=-1) for leaf in q}
-        if layout.o_proj_parts > 1:
-            o = attn.pop("o_proj")
-            for j, (lo, hi) in enumerate(_column_blocks(config.hidden_size, layout.o_proj_parts)):
-                attn[f"o_proj_{j}"] = {leaf: w[..., lo:hi] for leaf, w in o.items()}
+        q, k, v = (attn.pop(name) for name in ("q_proj", "k_proj", "v_proj"))
+        attn["qkv_proj"] = {leaf: jnp.concatenate([q[leaf], k[leaf], v[leaf]], axis=-1) for leaf in q}
         out[f"layers_{i}"] = {**params[f"layers_{i}"], "attn": attn}
     return out
 

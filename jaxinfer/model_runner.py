@@ -17,7 +17,7 @@ from tqdm.auto import tqdm
 from jaxinfer.buckets import Buckets, StepArrays, StepRow
 from jaxinfer.config import ModelConfig
 from jaxinfer.kv_cache import AttentionMetadata, KVCache
-from jaxinfer.model import LlamaModel, ProjectionLayout, execution_params
+from jaxinfer.model import LlamaModel, fuse_qkv_params
 from jaxinfer.sampler import SampleOutput, SamplingTensors, sample
 
 
@@ -29,21 +29,15 @@ def _model_step(model: LlamaModel, params, cache: KVCache, tokens, meta: Attenti
     return sample(logits, sampling), cache
 
 
-def default_layout() -> ProjectionLayout:
-    """Fused q/k/v everywhere; on CPU, o_proj in two halves that XLA runs on both cores at once."""
-    return ProjectionLayout(fuse_qkv=True, o_proj_parts=2 if jax.default_backend() == "cpu" else 1)
-
-
 class ModelRunner:
     def __init__(self, config: ModelConfig, params: Any, dtype, buckets: Buckets, num_pages: int, quant_policy: int = 0,
-                 layout: ProjectionLayout | None = None):
-        """``params``: the canonical tree; the runner keeps only its execution layout (``layout``,
-        default ``default_layout()``)."""
+                 fused_qkv: bool = True):
+        """``params``: the canonical tree. The runner keeps it with q/k/v fused (one larger matmul
+        instead of three small ones) unless ``fused_qkv`` is False."""
         self.config = config
-        self.layout = default_layout() if layout is None else layout
-        self.params = execution_params(params, config, self.layout)
+        self.params = fuse_qkv_params(params, config) if fused_qkv else params
         self.buckets = buckets
-        self.model = LlamaModel(config, dtype, self.layout)
+        self.model = LlamaModel(config, dtype, fused_qkv)
         self.cache = KVCache.allocate(config, num_pages, buckets.page_size, dtype, quant_policy)
         self._step = jax.jit(functools.partial(_model_step, self.model), donate_argnums=(1,))
         self._no_history: dict[int, jax.Array] = {}  # per batch size: the all-padding history
