@@ -71,7 +71,7 @@ from jaxinfer.config import default_dtype
 from pallas_kernels import dispatch
 from pallas_kernels.int4_matmul import int4_matmul, pack_int4, padded_rows
 from pallas_kernels.paged_attention import paged_attention
-from pallas_kernels.paged_kv import quantize_kv
+from pallas_kernels.paged_kv import PagedKV, quantize_kv
 
 PAGE_SIZE = 64
 BATCHES = (1, 8, 32)
@@ -261,13 +261,14 @@ def attention_inputs(case: AttentionCase, act_dtype) -> list[tuple]:
     seq_lens = jnp.full((case.batch,), case.context, jnp.int32)
     positions = jnp.arange(case.context - case.q_len, case.context, dtype=jnp.int32)
     positions = jnp.broadcast_to(positions, (case.batch, case.q_len))
+    _, bits = POOLS[case.pool]
     rng = np.random.default_rng(0)
     out = []
     for c in range(copies_for(case.kv_bytes())):
         k, k_sz = make_pool(2 * c, 1 + pages, m.kv_heads, m.head_dim, case.pool)  # page 0: the trash page
         v, v_sz = make_pool(2 * c + 1, 1 + pages, m.kv_heads, m.head_dim, case.pool)
         table = (1 + rng.permutation(pages)).reshape(case.batch, pages_per_seq).astype(np.int32)
-        out.append((q, k, v, jnp.asarray(table), seq_lens, positions, k_sz, v_sz))
+        out.append((q, PagedKV(k, v, k_sz, v_sz, bits), jnp.asarray(table), seq_lens, positions))
     return out
 
 
@@ -349,13 +350,9 @@ def measure_floor() -> float:
 def op_function(case):
     if isinstance(case, MatmulCase):
         return jax.jit(int4_matmul)
-    _, bits = POOLS[case.pool]
 
-    def attention(q, k, v, tables, seq_lens, positions, k_sz, v_sz):
-        return paged_attention(
-            q, k, v, tables, seq_lens, positions, scale=case.model.head_dim**-0.5,
-            k_scale_zero=k_sz, v_scale_zero=v_sz, kv_bits=bits,
-        )
+    def attention(q, kv, tables, seq_lens, positions):
+        return paged_attention(q, kv, tables, seq_lens, positions, scale=case.model.head_dim**-0.5)
 
     return jax.jit(attention)
 

@@ -34,10 +34,10 @@ import jax.numpy as jnp
 import numpy as np
 from report import load_average, publish
 
-from jaxinfer.kv_cache import TRASH_PAGE, AttentionMetadata, LayerCache, write_kv
+from jaxinfer.kv_cache import TRASH_PAGE, AttentionMetadata, write_kv
 from jaxinfer.sampler import greedy
 from pallas_kernels.paged_attention import paged_attention_reference
-
+from pallas_kernels.paged_kv import PagedKV
 
 # SmolLM2-135M shapes.
 HIDDEN = 576
@@ -101,15 +101,12 @@ def decoder_layer(w, x, k_pages, v_pages, meta: AttentionMetadata):
     q = rope(linear(h, w["q"]).reshape(batch, seq, HEADS, HEAD_DIM), meta.positions)
     k = rope(linear(h, w["k"]).reshape(batch, seq, KV_HEADS, HEAD_DIM), meta.positions)
     v = linear(h, w["v"]).reshape(batch, seq, KV_HEADS, HEAD_DIM)
-    pools = write_kv(LayerCache(k_pages, v_pages, None, None), meta.slot_mapping, k, v)
-    k_pages, v_pages = pools.k, pools.v
-    o = paged_attention_reference(
-        q, k_pages, v_pages, meta.block_tables, meta.seq_lens, meta.positions, scale=HEAD_DIM**-0.5
-    )
+    kv = write_kv(PagedKV(k_pages, v_pages), meta.slot_mapping, k, v)
+    o = paged_attention_reference(q, kv, meta.block_tables, meta.seq_lens, meta.positions, scale=HEAD_DIM**-0.5)
     x = x + linear(o.reshape(batch, seq, HEADS * HEAD_DIM), w["o"])
     h = rms_norm(x, w["post_norm"])
     x = x + linear(jax.nn.silu(linear(h, w["gate"])) * linear(h, w["up"]), w["down"])
-    return x, k_pages, v_pages
+    return x, kv.k, kv.v
 
 
 def head(embed, final_norm, x, last):

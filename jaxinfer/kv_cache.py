@@ -1,8 +1,8 @@
 """The paged KV cache: one page pool per layer, and the metadata that addresses it in a step.
 
-Layout of a pool: ``[num_pages, kv_heads, page_size, head_dim]`` (codes of the quantized layout
-are described in ``LayerCache``): each page holds one contiguous
-``[page_size, head_dim]`` block per KV head, so attention reads a page straight into the
+Layout of a pool: ``[num_pages, kv_heads, page_size, head_dim]`` (a layer's pools are a
+``pallas_kernels.paged_kv.PagedKV``, which describes the quantized layout): each page holds one
+contiguous ``[page_size, head_dim]`` block per KV head, so attention reads a page straight into the
 ``[batch, kv_heads, keys, head_dim]`` operand of its matmuls (the token-major layout cost a
 transpose of every gathered page: 40% of a batch-32 decode step on XLA:CPU), and a GPU kernel
 loads one block per head. Page ``TRASH_PAGE`` is never handed out by the block manager: padding
@@ -12,7 +12,6 @@ tokens of a bucketed batch write their K/V there, so the jitted step needs no ma
 from __future__ import annotations
 
 import dataclasses
-import functools
 import os
 from dataclasses import dataclass
 
@@ -20,44 +19,26 @@ import jax
 import jax.numpy as jnp
 
 from jaxinfer.config import ModelConfig
-from pallas_kernels.paged_kv import quantize_kv
+from pallas_kernels.paged_kv import PagedKV, quantize_kv
 
 TRASH_PAGE = 0
 QUANT_POLICIES = (0, 8, 4)
 
 
-@functools.partial(jax.tree_util.register_dataclass, data_fields=["k", "v", "k_scale_zero", "v_scale_zero"],
-                   meta_fields=["bits"])
-@dataclass(frozen=True)
-class LayerCache:
-    """One layer's page pools.
-
-    ``bits`` 0: ``k``, ``v`` are ``[num_pages, kv_heads, page_size, head_dim]`` in the cache dtype
-    and the scale/zero pools are None. ``bits`` 8 or 4 (``--quant-policy``): ``k``, ``v`` hold
-    uint8 codes (4 bits: two per byte along head_dim, ``[..., head_dim // 2]``) and
-    ``k_scale_zero``, ``v_scale_zero`` are float32 ``[num_pages, kv_heads, page_size, 2]``: each
-    token's and head's scale and zero (``value = code * scale + zero``).
-    """
-
-    k: jax.Array
-    v: jax.Array
-    k_scale_zero: jax.Array | None
-    v_scale_zero: jax.Array | None
-    bits: int = 0
-
-
 @jax.tree_util.register_dataclass
 @dataclass(frozen=True)
 class KVCache:
-    layers: tuple[LayerCache, ...]
+    """One ``PagedKV`` per layer; ``allocate``'s ``quant_policy`` (``--quant-policy``) is their ``bits``."""
+
+    layers: tuple[PagedKV, ...]
 
     @property
     def num_pages(self) -> int:
-        return self.layers[0].k.shape[0]
+        return self.layers[0].num_pages
 
     @property
     def page_size(self) -> int:
-        return self.layers[0].k.shape[2]
+        return self.layers[0].page_size
 
     @staticmethod
     def bytes_per_token(config: ModelConfig, dtype, quant_policy: int = 0) -> int:
@@ -74,12 +55,11 @@ class KVCache:
             raise ValueError(f"quant_policy must be one of {QUANT_POLICIES}, got {quant_policy}")
         heads = (num_pages, config.num_kv_heads, page_size)
 
-        def layer() -> LayerCache:  # fresh buffers per layer: the step donates and updates each
+        def layer() -> PagedKV:  # fresh buffers per layer: the step donates and updates each
             if quant_policy == 0:
-                return LayerCache(jnp.zeros((*heads, config.head_dim), dtype), jnp.zeros((*heads, config.head_dim), dtype),
-                                  None, None, 0)
+                return PagedKV(jnp.zeros((*heads, config.head_dim), dtype), jnp.zeros((*heads, config.head_dim), dtype))
             width = config.head_dim * quant_policy // 8
-            return LayerCache(
+            return PagedKV(
                 jnp.zeros((*heads, width), jnp.uint8), jnp.zeros((*heads, width), jnp.uint8),
                 jnp.zeros((*heads, 2), jnp.float32), jnp.zeros((*heads, 2), jnp.float32), quant_policy,
             )
@@ -112,7 +92,7 @@ def _scatter(pool: jax.Array, slots: jax.Array, values: jax.Array) -> jax.Array:
     return pool.at[slots // page_size, :, slots % page_size].set(values, mode="promise_in_bounds")
 
 
-def write_kv(cache: LayerCache, slot_mapping: jax.Array, k: jax.Array, v: jax.Array) -> LayerCache:
+def write_kv(cache: PagedKV, slot_mapping: jax.Array, k: jax.Array, v: jax.Array) -> PagedKV:
     """Write new tokens into a layer's pools (quantizing them if the cache is), in place when the
     pools are donated.
 
@@ -127,7 +107,7 @@ def write_kv(cache: LayerCache, slot_mapping: jax.Array, k: jax.Array, v: jax.Ar
         # XLA rewrites a one-row scatter into a dynamic-update-slice that copies the whole pool
         # on every step (measured: 5x slower batch-1 decode); a second write to the trash page
         # keeps it a scatter, which updates in place.
-        slots = jnp.concatenate([slots, jnp.full_like(slots, TRASH_PAGE * cache.k.shape[2])])
+        slots = jnp.concatenate([slots, jnp.full_like(slots, TRASH_PAGE * cache.page_size)])
         k, v = jnp.concatenate([k, k]), jnp.concatenate([v, v])
     if cache.bits == 0:
         return dataclasses.replace(

@@ -27,9 +27,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxinfer.config import ModelConfig, WeightQuant
-from jaxinfer.kv_cache import AttentionMetadata, KVCache, LayerCache, write_kv
+from jaxinfer.kv_cache import AttentionMetadata, KVCache, write_kv
 from pallas_kernels.int4_matmul import CODES_PER_WORD, int4_matmul, padded_rows
 from pallas_kernels.paged_attention import paged_attention
+from pallas_kernels.paged_kv import PagedKV
 
 Dtype = Any
 
@@ -103,7 +104,7 @@ class Attention(nn.Module):
     fused_qkv: bool = False
 
     @nn.compact
-    def __call__(self, x, cache: LayerCache, meta: AttentionMetadata):
+    def __call__(self, x, cache: PagedKV, meta: AttentionMetadata):
         """x: ``[batch, seq, embed]`` -> (``[batch, seq, embed]``, the layer's updated cache)."""
         c = self.config
         batch, seq, _ = x.shape
@@ -128,9 +129,8 @@ class Attention(nn.Module):
 
         cache = write_kv(cache, meta.slot_mapping, k, v)
         o = paged_attention(
-            q, cache.k, cache.v, meta.block_tables, meta.seq_lens, meta.positions,
+            q, cache, meta.block_tables, meta.seq_lens, meta.positions,
             scale=c.head_dim**-0.5, sliding_window=c.sliding_window,
-            k_scale_zero=cache.k_scale_zero, v_scale_zero=cache.v_scale_zero, kv_bits=cache.bits,
         )
         o = o.reshape(batch, seq, q_dim)
         o = Linear(c.hidden_size, ("heads", "embed"), c.o_bias, self.dtype, wq, name="o_proj")(o)
@@ -158,7 +158,7 @@ class DecoderLayer(nn.Module):
     fused_qkv: bool = False
 
     @nn.compact
-    def __call__(self, x, cache: LayerCache, meta: AttentionMetadata):
+    def __call__(self, x, cache: PagedKV, meta: AttentionMetadata):
         c = self.config
         h = RMSNorm(c.rms_norm_eps, dtype=self.dtype, name="input_norm")(x)
         a, cache = Attention(c, self.dtype, self.fused_qkv, name="attn")(h, cache, meta)

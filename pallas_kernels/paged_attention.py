@@ -22,14 +22,13 @@ from jax.experimental.pallas import triton as plgpu
 
 from pallas_kernels import dispatch
 from pallas_kernels.block_sizes import decode_attention_blocks, prefill_attention_blocks
-from pallas_kernels.paged_kv import MASK_VALUE, code_parts, dequantize_kv, validate_paged_inputs
+from pallas_kernels.paged_kv import MASK_VALUE, PagedKV, code_parts, dequantize_kv, validate_paged_inputs
 from pallas_kernels.prefill_attention import prefill_attention_kernel
 
 
 def paged_attention_reference(
     q: jax.Array,
-    k_pages: jax.Array,
-    v_pages: jax.Array,
+    kv: PagedKV,
     block_tables: jax.Array,
     seq_lens: jax.Array,
     q_positions: jax.Array,
@@ -37,9 +36,6 @@ def paged_attention_reference(
     scale: float,
     sliding_window: int | None = None,
     pages_per_iteration: int = 1,
-    k_scale_zero: jax.Array | None = None,
-    v_scale_zero: jax.Array | None = None,
-    kv_bits: int = 0,
 ) -> jax.Array:
     """Pure-jnp paged attention: an online softmax over the pages, a few pages per iteration.
 
@@ -48,7 +44,8 @@ def paged_attention_reference(
 
     Args:
       q: ``[batch, q_len, heads, head_dim]`` queries.
-      k_pages, v_pages: ``[num_pages, kv_heads, page_size, head_dim]`` page pools.
+      kv: the page pools, ``[num_pages, kv_heads, page_size, head_dim]`` (or their codes and
+        ``[num_pages, kv_heads, page_size, 2]`` scales and zeros when ``kv.bits`` is 8 or 4).
       block_tables: ``[batch, pages_per_seq]`` int32 page ids of each sequence.
       seq_lens: ``[batch]`` int32 tokens in each sequence's context, this chunk included
         (0 for padding rows).
@@ -57,20 +54,16 @@ def paged_attention_reference(
       sliding_window: if set, a query at position p sees keys in ``(p - window, p]``.
       pages_per_iteration: pages read per loop iteration: fewer iterations, but more than one
         page costs a transpose of what is read.
-      k_scale_zero, v_scale_zero: ``[num_pages, kv_heads, page_size, 2]`` when ``kv_bits`` is 8
-        or 4 (quantized pages, see the module docstring).
 
     Returns:
       ``[batch, q_len, heads, head_dim]`` in q's dtype; softmax is computed in float32.
     """
-    validate_paged_inputs(q, k_pages, v_pages, block_tables, seq_lens, q_positions, kv_bits)
-    if kv_bits and (k_scale_zero is None or v_scale_zero is None):
+    validate_paged_inputs(q, kv, block_tables, seq_lens, q_positions)
+    if kv.bits and (kv.k_scale_zero is None or kv.v_scale_zero is None):
         raise ValueError("quantized pages need k_scale_zero and v_scale_zero")
-    q, k_pages, v_pages, block_tables, seq_lens, q_positions = map(
-        jnp.asarray, (q, k_pages, v_pages, block_tables, seq_lens, q_positions)
-    )
+    q, kv, block_tables, seq_lens, q_positions = jax.tree.map(jnp.asarray, (q, kv, block_tables, seq_lens, q_positions))
     batch, q_len, heads, head_dim = q.shape
-    kv_heads, page_size = k_pages.shape[1], k_pages.shape[2]
+    kv_heads, page_size = kv.kv_heads, kv.page_size
     group = heads // kv_heads
     per_iter = max(1, min(pages_per_iteration, block_tables.shape[1]))
     keys_per_iter = per_iter * page_size
@@ -88,11 +81,11 @@ def paged_attention_reference(
         pages = jax.lax.dynamic_slice_in_dim(block_tables, i * per_iter, per_iter, 1)
         # Block tables only hold valid page ids (padding points at the trash page); without the
         # bounds checks of the default mode this gather runs 6x faster on XLA:CPU.
-        k = k_pages.at[pages].get(mode="promise_in_bounds")  # [batch, per_iter, kv_heads, page_size, head_dim]
-        v = v_pages.at[pages].get(mode="promise_in_bounds")
-        if kv_bits:
-            k = dequantize_kv(k, k_scale_zero.at[pages].get(mode="promise_in_bounds"), kv_bits)
-            v = dequantize_kv(v, v_scale_zero.at[pages].get(mode="promise_in_bounds"), kv_bits)
+        k = kv.k.at[pages].get(mode="promise_in_bounds")  # [batch, per_iter, kv_heads, page_size, head_dim]
+        v = kv.v.at[pages].get(mode="promise_in_bounds")
+        if kv.bits:
+            k = dequantize_kv(k, kv.k_scale_zero.at[pages].get(mode="promise_in_bounds"), kv.bits)
+            v = dequantize_kv(v, kv.v_scale_zero.at[pages].get(mode="promise_in_bounds"), kv.bits)
         if per_iter == 1:
             k, v = k[:, 0], v[:, 0]
         else:
@@ -207,28 +200,28 @@ def _is_power_of_two(n: int) -> bool:
     return n > 0 and n & (n - 1) == 0
 
 
-def _validate_decode_inputs(q, k_pages, block_tables, seq_lens, q_positions, k_scale_zero, v_scale_zero,
-                            kv_bits, block_h, pages_per_iteration, pages_per_split):
+def _validate_decode_inputs(q, kv: PagedKV, block_tables, seq_lens, q_positions, block_h, pages_per_iteration,
+                            pages_per_split):
     """The kernel's own limits, beyond ``validate_paged_inputs``."""
     _, q_len, heads, head_dim = q.shape
-    num_pages, kv_heads, page_size, _ = k_pages.shape
+    num_pages, kv_heads, page_size, _ = kv.k.shape
     if q_len != 1:
         raise ValueError(f"the decode kernel takes one query token per sequence, got q_len={q_len}")
-    if kv_bits:
-        if k_pages.dtype != jnp.uint8:
-            raise ValueError(f"quantized pages must hold uint8 codes, got {k_pages.dtype}")
+    if kv.bits:
+        if kv.k.dtype != jnp.uint8:
+            raise ValueError(f"quantized pages must hold uint8 codes, got {kv.k.dtype}")
         want = (num_pages, kv_heads, page_size, 2)
-        for name, sz in (("k_scale_zero", k_scale_zero), ("v_scale_zero", v_scale_zero)):
+        for name, sz in (("k_scale_zero", kv.k_scale_zero), ("v_scale_zero", kv.v_scale_zero)):
             if sz is None or sz.shape != want or sz.dtype != jnp.float32:
                 got = None if sz is None else f"{sz.dtype}{list(sz.shape)}"
                 raise ValueError(f"quantized pages need {name} float32{list(want)}, got {got}")
-    elif not jnp.issubdtype(k_pages.dtype, jnp.floating):
-        raise ValueError(f"float pages (kv_bits=0) must be a float dtype, got {k_pages.dtype}")
+    elif not jnp.issubdtype(kv.k.dtype, jnp.floating):
+        raise ValueError(f"float pages (bits 0) must be a float dtype, got {kv.k.dtype}")
     if not jnp.issubdtype(q.dtype, jnp.floating):
         raise ValueError(f"q must be a float dtype, got {q.dtype}")
     # Triton: power-of-two tiles, and dot operands of at least 16 along every axis (int4 splits
     # head_dim into two halves).
-    min_head_dim = 32 if kv_bits == 4 else 16
+    min_head_dim = 32 if kv.bits == 4 else 16
     if not _is_power_of_two(head_dim) or head_dim < min_head_dim:
         raise ValueError(f"head_dim must be a power of two >= {min_head_dim}, got {head_dim}")
     if not _is_power_of_two(page_size):
@@ -253,23 +246,19 @@ def _validate_decode_inputs(q, k_pages, block_tables, seq_lens, q_positions, k_s
 @functools.partial(
     jax.jit,
     static_argnames=(
-        "scale", "sliding_window", "kv_bits", "block_h", "pages_per_iteration", "pages_per_split",
+        "scale", "sliding_window", "block_h", "pages_per_iteration", "pages_per_split",
         "num_warps", "num_stages", "interpret",
     ),
 )
 def paged_decode_attention(
     q: jax.Array,
-    k_pages: jax.Array,
-    v_pages: jax.Array,
+    kv: PagedKV,
     block_tables: jax.Array,
     seq_lens: jax.Array,
     q_positions: jax.Array,
     *,
     scale: float,
     sliding_window: int | None = None,
-    k_scale_zero: jax.Array | None = None,
-    v_scale_zero: jax.Array | None = None,
-    kv_bits: int = 0,
     block_h: int,
     pages_per_iteration: int,
     pages_per_split: int,
@@ -280,8 +269,8 @@ def paged_decode_attention(
     """Paged decode attention as a Pallas (Triton) kernel, split-K over each sequence's pages.
 
     Shapes and semantics as in ``paged_attention_reference`` with ``q_len == 1``: q ``[batch, 1,
-    heads, head_dim]``, pools ``[num_pages, kv_heads, page_size, head_dim]`` (bf16/fp32, or uint8
-    codes with ``kv_bits`` 8/4 and float32 ``[num_pages, kv_heads, page_size, 2]`` scale/zero
+    heads, head_dim]``, kv's pools ``[num_pages, kv_heads, page_size, head_dim]`` (bf16/fp32, or
+    uint8 codes with ``kv.bits`` 8/4 and float32 ``[num_pages, kv_heads, page_size, 2]`` scale/zero
     pools), block_tables ``[batch, pages_per_seq]``, seq_lens ``[batch]`` (0 = padding row: zeros
     out), q_positions ``[batch, 1]``. Returns ``[batch, 1, heads, head_dim]`` in q's dtype.
 
@@ -290,13 +279,12 @@ def paged_decode_attention(
     ``pages_per_iteration`` at a time, and writes float32 partials (unnormalized output, max, sum)
     that ``_merge_splits`` combines. Take the block sizes from ``block_sizes.decode_attention_blocks``.
     """
-    if kv_bits not in (0, 8, 4):
-        raise ValueError(f"kv_bits must be 0 (float pages), 8 or 4, got {kv_bits}")
-    validate_paged_inputs(q, k_pages, v_pages, block_tables, seq_lens, q_positions, kv_bits)
-    _validate_decode_inputs(q, k_pages, block_tables, seq_lens, q_positions, k_scale_zero, v_scale_zero,
-                            kv_bits, block_h, pages_per_iteration, pages_per_split)
+    if kv.bits not in (0, 8, 4):
+        raise ValueError(f"kv.bits must be 0 (float pages), 8 or 4, got {kv.bits}")
+    validate_paged_inputs(q, kv, block_tables, seq_lens, q_positions)
+    _validate_decode_inputs(q, kv, block_tables, seq_lens, q_positions, block_h, pages_per_iteration, pages_per_split)
     batch, _, heads, head_dim = q.shape
-    num_pages, kv_heads, page_size, stored = k_pages.shape
+    num_pages, kv_heads, page_size, stored = kv.k.shape
     group = heads // kv_heads
     width = block_tables.shape[1]
     iterations = pl.cdiv(width, pages_per_iteration)
@@ -305,28 +293,28 @@ def paged_decode_attention(
     # The last inner step may read up to a whole step past the table: pad it with the trash page.
     block_tables = jnp.pad(block_tables, ((0, 0), (0, iterations * pages_per_iteration - width)))
 
-    if kv_bits:
+    if kv.bits:
         # The codes are exact in any float dtype (0..255), so the dots run in q's dtype; the
         # values are float32 after dequantization in the reference, so p @ V runs in float32.
         dot_dtype, value_dtype = q.dtype, jnp.float32
     else:
-        dot_dtype, value_dtype = jnp.promote_types(q.dtype, k_pages.dtype), v_pages.dtype
+        dot_dtype, value_dtype = jnp.promote_types(q.dtype, kv.k.dtype), kv.v.dtype
     qg = q.reshape(batch, kv_heads, group, head_dim).astype(dot_dtype)
     qg = jnp.pad(qg, ((0, 0), (0, 0), (0, block_h - group), (0, 0)))
     # int4: q.k = q_even.k_low + q_odd.k_high, with no interleave inside the kernel.
-    q_parts = (qg[..., 0::2], qg[..., 1::2]) if kv_bits == 4 else (qg,)
+    q_parts = (qg[..., 0::2], qg[..., 1::2]) if kv.bits == 4 else (qg,)
     part_dim = q_parts[0].shape[-1]
 
     def per_head(block):  # a KV head's whole pool: the kernel gathers its pages by id
         return pl.BlockSpec((num_pages, None, *block), lambda b, h, s: (0, h, 0, 0))
 
     row = pl.BlockSpec((1,), lambda b, h, s: (b,))
-    sz_spec = per_head((page_size, 2)) if kv_bits else None
+    sz_spec = per_head((page_size, 2)) if kv.bits else None
     part_spec = pl.BlockSpec((None, None, None, block_h, part_dim), lambda b, h, s: (b, h, s, 0, 0))
     stat_spec = pl.BlockSpec((None, None, None, block_h), lambda b, h, s: (b, h, s, 0))
     partial_shape = (batch, kv_heads, num_splits, block_h)
     kernel = functools.partial(
-        _decode_kernel, scale=scale, sliding_window=sliding_window, kv_bits=kv_bits, page_size=page_size,
+        _decode_kernel, scale=scale, sliding_window=sliding_window, kv_bits=kv.bits, page_size=page_size,
         pages_per_iteration=pages_per_iteration, iterations_per_split=iterations_per_split,
         table_keys=width * page_size, value_dtype=value_dtype,
     )
@@ -352,7 +340,7 @@ def paged_decode_attention(
         interpret=interpret,
         compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages),
         name="paged_decode_attention",
-    )(q_parts, k_pages, v_pages, k_scale_zero, v_scale_zero, block_tables, seq_lens, q_positions[:, 0])
+    )(q_parts, kv.k, kv.v, kv.k_scale_zero, kv.v_scale_zero, block_tables, seq_lens, q_positions[:, 0])
 
     o = _merge_splits(accs, m, l)  # [batch, kv_heads, block_h, head_dim]
     return o[:, :, :group].reshape(batch, 1, heads, head_dim).astype(q.dtype)
@@ -380,17 +368,13 @@ PAGES_PER_ITERATION = 1
 
 def paged_attention(
     q: jax.Array,
-    k_pages: jax.Array,
-    v_pages: jax.Array,
+    kv: PagedKV,
     block_tables: jax.Array,
     seq_lens: jax.Array,
     q_positions: jax.Array,
     *,
     scale: float,
     sliding_window: int | None = None,
-    k_scale_zero: jax.Array | None = None,
-    v_scale_zero: jax.Array | None = None,
-    kv_bits: int = 0,
 ) -> jax.Array:
     """The engine's dispatch point for paged attention (shapes as in the reference).
 
@@ -402,27 +386,24 @@ def paged_attention(
     implementation = dispatch.implementation()
     if implementation in ("kernel", "interpret"):
         # Clear errors before the block sizes read the shapes.
-        validate_paged_inputs(q, k_pages, v_pages, block_tables, seq_lens, q_positions, kv_bits)
+        validate_paged_inputs(q, kv, block_tables, seq_lens, q_positions)
         batch, q_len, heads, head_dim = q.shape
-        _, kv_heads, page_size, _ = k_pages.shape
-        common = dict(scale=scale, sliding_window=sliding_window, k_scale_zero=k_scale_zero,
-                      v_scale_zero=v_scale_zero, kv_bits=kv_bits, interpret=implementation == "interpret")
+        common = dict(scale=scale, sliding_window=sliding_window, interpret=implementation == "interpret")
         if q_len > 1:
-            kv_bytes = kv_bits / 8 if kv_bits else jnp.dtype(k_pages.dtype).itemsize
-            p = prefill_attention_blocks(q_len * heads // kv_heads, head_dim, page_size, kv_bytes)
+            kv_bytes = kv.bits / 8 if kv.bits else jnp.dtype(kv.k.dtype).itemsize
+            p = prefill_attention_blocks(q_len * heads // kv.kv_heads, head_dim, kv.page_size, kv_bytes)
             return prefill_attention_kernel(
-                q, k_pages, v_pages, block_tables, seq_lens, q_positions, **common, block_rows=p.block_rows,
+                q, kv, block_tables, seq_lens, q_positions, **common, block_rows=p.block_rows,
                 pages_per_iteration=p.pages_per_iteration, num_warps=p.num_warps, num_stages=p.num_stages,
             )
-        d = decode_attention_blocks(batch=batch, kv_heads=kv_heads, group=heads // kv_heads, page_size=page_size,
-                                    pages_per_seq=block_tables.shape[1])
+        d = decode_attention_blocks(batch=batch, kv_heads=kv.kv_heads, group=heads // kv.kv_heads,
+                                    page_size=kv.page_size, pages_per_seq=block_tables.shape[1])
         return paged_decode_attention(
-            q, k_pages, v_pages, block_tables, seq_lens, q_positions, **common, block_h=d.block_h,
+            q, kv, block_tables, seq_lens, q_positions, **common, block_h=d.block_h,
             pages_per_iteration=d.pages_per_iteration, pages_per_split=d.pages_per_split,
             num_warps=d.num_warps, num_stages=d.num_stages,
         )
     return paged_attention_reference(
-        q, k_pages, v_pages, block_tables, seq_lens, q_positions,
+        q, kv, block_tables, seq_lens, q_positions,
         scale=scale, sliding_window=sliding_window, pages_per_iteration=PAGES_PER_ITERATION,
-        k_scale_zero=k_scale_zero, v_scale_zero=v_scale_zero, kv_bits=kv_bits,
     )

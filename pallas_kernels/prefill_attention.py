@@ -10,7 +10,7 @@ The grid is ``(batch, kv_heads, row blocks)``: a KV head's query heads are flatt
 chunk's tokens into rows (``row = token * group + head``), so one page read serves every query
 head of the group, and any group size fills power-of-two blocks with padding only at the end.
 
-Quantized pages (``kv_bits`` 8 or 4) are dequantized algebraically: with ``k = c * s + z`` per
+Quantized pages (``PagedKV.bits`` 8 or 4) are dequantized algebraically: with ``k = c * s + z`` per
 key, ``q . k = s * (q . c) + z * sum(q)``, and ``p . v = (p * s) . c + (p . z)``, so the dots run
 on the raw codes. For 4 bits, ``q`` is split into its even and odd head_dim elements, which meet
 the low and high nibbles of each byte; the output's two halves are interleaved back in jnp.
@@ -28,7 +28,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from pallas_kernels.paged_kv import MASK_VALUE, code_parts, dequantize_kv, validate_paged_inputs
+from pallas_kernels.paged_kv import MASK_VALUE, PagedKV, code_parts, dequantize_kv, validate_paged_inputs
 
 HEAD_DIMS = (64, 128)
 PAGE_SIZES = (16, 32, 64)
@@ -126,33 +126,32 @@ def _prefill_kernel(
         o_ref[i] = (acc / l[:, None]).astype(o_ref.dtype)
 
 
-def _validate(q, k_pages, v_pages, block_tables, seq_lens, q_positions, sliding_window,
-              k_scale_zero, v_scale_zero, kv_bits):
+def _validate(q, kv: PagedKV, block_tables, seq_lens, q_positions, sliding_window):
     """The reference's checks plus what the kernel supports."""
-    if kv_bits not in (0, 8, 4):
-        raise ValueError(f"kv_bits must be 0 (float pages), 8 or 4, got {kv_bits}")
-    validate_paged_inputs(q, k_pages, v_pages, block_tables, seq_lens, q_positions, kv_bits)
-    head_dim, page_size = q.shape[3], k_pages.shape[2]
+    if kv.bits not in (0, 8, 4):
+        raise ValueError(f"kv.bits must be 0 (float pages), 8 or 4, got {kv.bits}")
+    validate_paged_inputs(q, kv, block_tables, seq_lens, q_positions)
+    head_dim, page_size = q.shape[3], kv.page_size
     if head_dim not in HEAD_DIMS:
         raise ValueError(f"head_dim must be one of {HEAD_DIMS}, got {head_dim}")
     if page_size not in PAGE_SIZES:
         raise ValueError(f"page_size must be one of {PAGE_SIZES}, got {page_size}")
     if q.dtype not in (jnp.float32, jnp.bfloat16, jnp.float16):
         raise ValueError(f"q must be float32, bfloat16 or float16, got {q.dtype}")
-    if kv_bits:
-        if k_pages.dtype != jnp.uint8 or v_pages.dtype != jnp.uint8:
-            raise ValueError(f"quantized pages must hold uint8 codes, got {k_pages.dtype} and {v_pages.dtype}")
-        want = (*k_pages.shape[:3], 2)
-        for name, sz in (("k_scale_zero", k_scale_zero), ("v_scale_zero", v_scale_zero)):
+    if kv.bits:
+        if kv.k.dtype != jnp.uint8 or kv.v.dtype != jnp.uint8:
+            raise ValueError(f"quantized pages must hold uint8 codes, got {kv.k.dtype} and {kv.v.dtype}")
+        want = (*kv.k.shape[:3], 2)
+        for name, sz in (("k_scale_zero", kv.k_scale_zero), ("v_scale_zero", kv.v_scale_zero)):
             if sz is None:
                 raise ValueError(f"quantized pages need k_scale_zero and v_scale_zero; {name} is missing")
             if sz.shape != want or sz.dtype != jnp.float32:
                 raise ValueError(f"{name} must be float32 {list(want)}, got {sz.dtype} {list(sz.shape)}")
     else:
-        if k_scale_zero is not None or v_scale_zero is not None:
-            raise ValueError("k_scale_zero / v_scale_zero are only for quantized pages (kv_bits 8 or 4)")
-        if k_pages.dtype != q.dtype or v_pages.dtype != q.dtype:
-            raise ValueError(f"float pages must have q's dtype {q.dtype}, got {k_pages.dtype} and {v_pages.dtype}")
+        if kv.k_scale_zero is not None or kv.v_scale_zero is not None:
+            raise ValueError("k_scale_zero / v_scale_zero are only for quantized pages (bits 8 or 4)")
+        if kv.k.dtype != q.dtype or kv.v.dtype != q.dtype:
+            raise ValueError(f"float pages must have q's dtype {q.dtype}, got {kv.k.dtype} and {kv.v.dtype}")
     if sliding_window is not None and sliding_window < 1:
         raise ValueError(f"sliding_window must be a positive number of tokens, got {sliding_window}")
 
@@ -166,22 +165,18 @@ def _validate_blocks(block_rows, pages_per_iteration):
 
 @functools.partial(
     jax.jit,
-    static_argnames=("scale", "sliding_window", "kv_bits", "block_rows", "pages_per_iteration", "num_warps",
-                     "num_stages", "interpret"),
+    static_argnames=("scale", "sliding_window", "block_rows", "pages_per_iteration", "num_warps", "num_stages",
+                     "interpret"),
 )
 def prefill_attention_kernel(
     q: jax.Array,
-    k_pages: jax.Array,
-    v_pages: jax.Array,
+    kv: PagedKV,
     block_tables: jax.Array,
     seq_lens: jax.Array,
     q_positions: jax.Array,
     *,
     scale: float,
     sliding_window: int | None = None,
-    k_scale_zero: jax.Array | None = None,
-    v_scale_zero: jax.Array | None = None,
-    kv_bits: int = 0,
     block_rows: int,
     pages_per_iteration: int,
     num_warps: int,
@@ -193,13 +188,14 @@ def prefill_attention_kernel(
 
     Args:
       q: ``[batch, q_len, heads, head_dim]`` float32, bfloat16 or float16 queries; head_dim 64 or 128.
-      k_pages, v_pages: ``[num_pages, kv_heads, page_size, head_dim]`` pools in q's dtype, or
-        uint8 ``[..., head_dim * kv_bits // 8]`` codes; page_size 16, 32 or 64.
+      kv: pools ``[num_pages, kv_heads, page_size, head_dim]`` in q's dtype, or uint8
+        ``[..., head_dim * kv.bits // 8]`` codes with float32 ``[num_pages, kv_heads, page_size, 2]``
+        scales and zeros; page_size 16, 32 or 64.
       block_tables: ``[batch, pages_per_seq]`` int32 page ids (wide enough for every seq_len).
       seq_lens: ``[batch]`` int32 tokens of context, this chunk included (0 for padding rows).
       q_positions: ``[batch, q_len]`` int32 absolute positions; padding tokens after the real
         ones have position 0.
-      scale, sliding_window, k_scale_zero, v_scale_zero, kv_bits: as in the reference.
+      scale, sliding_window: as in the reference.
       block_rows: query rows (token x query head of one KV head) per program, a power of two >= 16.
       pages_per_iteration: pages read per loop iteration, a power of two.
       num_warps, num_stages: Triton's.
@@ -208,15 +204,14 @@ def prefill_attention_kernel(
     Returns:
       ``[batch, q_len, heads, head_dim]`` in q's dtype.
     """
-    _validate(q, k_pages, v_pages, block_tables, seq_lens, q_positions, sliding_window,
-              k_scale_zero, v_scale_zero, kv_bits)
+    _validate(q, kv, block_tables, seq_lens, q_positions, sliding_window)
     _validate_blocks(block_rows, pages_per_iteration)
     batch, q_len, heads, head_dim = q.shape
-    num_pages, kv_heads, page_size, stored = k_pages.shape
+    num_pages, kv_heads, page_size, stored = kv.k.shape
     group = heads // kv_heads
     rows = q_len * group
     padded_rows = -(-rows // block_rows) * block_rows
-    parts = 2 if kv_bits == 4 else 1
+    parts = 2 if kv.bits == 4 else 1
     # [batch, kv_heads, parts, rows, head_dim // parts]: part e holds head_dim elements e, e + parts, ...
     qg = q.reshape(batch, q_len, kv_heads, group, head_dim).transpose(0, 2, 1, 3, 4)
     qg = jnp.pad(qg.reshape(batch, kv_heads, rows, head_dim), ((0, 0), (0, 0), (0, padded_rows - rows), (0, 0)))
@@ -237,13 +232,13 @@ def prefill_attention_kernel(
         pool,
         pool,
     ]
-    args = [tables, seq_lens.astype(jnp.int32), q_pos, qg, k_pages, v_pages]
-    if kv_bits:
+    args = [tables, seq_lens.astype(jnp.int32), q_pos, qg, kv.k, kv.v]
+    if kv.bits:
         in_specs += [pl.BlockSpec((num_pages, None, page_size, 2), lambda b, h, r: (0, h, 0, 0))] * 2
-        args += [k_scale_zero, v_scale_zero]
+        args += [kv.k_scale_zero, kv.v_scale_zero]
     kernel = functools.partial(
         _prefill_kernel, scale=scale, sliding_window=sliding_window, group=group,
-        pages_per_iteration=pages_per_iteration, kv_bits=kv_bits,
+        pages_per_iteration=pages_per_iteration, kv_bits=kv.bits,
     )
     o = pl.pallas_call(
         kernel,
@@ -262,17 +257,13 @@ def prefill_attention_kernel(
 
 def prefill_attention_reference(
     q: jax.Array,
-    k_pages: jax.Array,
-    v_pages: jax.Array,
+    kv: PagedKV,
     block_tables: jax.Array,
     seq_lens: jax.Array,
     q_positions: jax.Array,
     *,
     scale: float,
     sliding_window: int | None = None,
-    k_scale_zero: jax.Array | None = None,
-    v_scale_zero: jax.Array | None = None,
-    kv_bits: int = 0,
 ) -> jax.Array:
     """The kernel's oracle in plain jnp: gather each sequence's pages into contiguous K/V over the
     whole block table and take one dense masked softmax, all in float32.
@@ -280,19 +271,19 @@ def prefill_attention_reference(
     Shapes and arguments as in ``prefill_attention_kernel``; rows that see no key (padding) get
     zeros. Memory grows with the block table's width: meant for tests, not for serving.
     """
-    validate_paged_inputs(q, k_pages, v_pages, block_tables, seq_lens, q_positions, kv_bits)
-    if kv_bits and (k_scale_zero is None or v_scale_zero is None):
+    validate_paged_inputs(q, kv, block_tables, seq_lens, q_positions)
+    if kv.bits and (kv.k_scale_zero is None or kv.v_scale_zero is None):
         raise ValueError("quantized pages need k_scale_zero and v_scale_zero")
     batch, q_len, heads, head_dim = q.shape
-    kv_heads = k_pages.shape[1]
+    kv_heads = kv.kv_heads
     group = heads // kv_heads
 
     def contiguous(pages, scale_zero):
         x = pages[block_tables]  # [batch, pages_per_seq, kv_heads, page_size, stored]
-        x = dequantize_kv(x, scale_zero[block_tables], kv_bits) if kv_bits else x.astype(jnp.float32)
+        x = dequantize_kv(x, scale_zero[block_tables], kv.bits) if kv.bits else x.astype(jnp.float32)
         return x.transpose(0, 2, 1, 3, 4).reshape(batch, kv_heads, -1, head_dim)  # [b, kv_heads, keys, d]
 
-    k, v = contiguous(k_pages, k_scale_zero), contiguous(v_pages, v_scale_zero)
+    k, v = contiguous(kv.k, kv.k_scale_zero), contiguous(kv.v, kv.v_scale_zero)
     qg = q.astype(jnp.float32).reshape(batch, q_len, kv_heads, group, head_dim)
     s = jnp.einsum("btkgd,bksd->bkgts", qg, k, precision="highest") * scale
     key = jnp.arange(k.shape[2])[None, None, None, None, :]

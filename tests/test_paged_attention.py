@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from pallas_kernels.paged_attention import paged_attention, paged_attention_reference
+from pallas_kernels.paged_kv import PagedKV
 
 
 def dense_attention(q, k, v, q_pos, seq_len, window):
@@ -65,7 +66,7 @@ def test_reference_matches_dense_attention(heads_kv, head_dim, page_size, q_len,
     seq_lens = [q_len + 3, page_size, 2 * page_size + 5]
     q, kp, vp, tables, lens, q_pos = make_case(rng, 3, q_len, heads, kv_heads, head_dim, page_size, seq_lens)
     for per_iter in (1, 2):  # one page per loop iteration, or two read together (transposed)
-        out = np.asarray(paged_attention_reference(q, kp, vp, tables, lens, q_pos, scale=head_dim**-0.5,
+        out = np.asarray(paged_attention_reference(q, PagedKV(kp, vp), tables, lens, q_pos, scale=head_dim**-0.5,
                                                    sliding_window=window, pages_per_iteration=per_iter))
         for b, s in enumerate(seq_lens):
             want = dense_attention(q[b], contiguous(kp, tables[b], s), contiguous(vp, tables[b], s), q_pos[b], s, window)
@@ -77,15 +78,17 @@ def test_padding_rows_are_finite_and_do_not_disturb_others():
     q, kp, vp, tables, lens, q_pos = make_case(rng, 2, 1, 4, 2, 16, 16, [5, 20])
     lens_padded = lens.copy()
     lens_padded[1] = 0  # row 1 becomes a padding row
-    out = np.asarray(paged_attention_reference(q, kp, vp, tables, lens_padded, q_pos, scale=0.25))
+    kv = PagedKV(kp, vp)
+    out = np.asarray(paged_attention_reference(q, kv, tables, lens_padded, q_pos, scale=0.25))
     assert np.isfinite(out).all()
-    alone = np.asarray(paged_attention_reference(q[:1], kp, vp, tables[:1], lens[:1], q_pos[:1], scale=0.25))
+    alone = np.asarray(paged_attention_reference(q[:1], kv, tables[:1], lens[:1], q_pos[:1], scale=0.25))
     np.testing.assert_allclose(out[0], alone[0], atol=1e-6)
 
 
 def test_dispatch_point_runs_the_reference_on_cpu():
     rng = np.random.default_rng(1)
-    args = make_case(rng, 2, 1, 8, 2, 16, 16, [9, 30])
+    q, kp, vp, *rest = make_case(rng, 2, 1, 8, 2, 16, 16, [9, 30])
+    args = (q, PagedKV(kp, vp), *rest)
     assert jax.default_backend() == "cpu"
     np.testing.assert_array_equal(
         np.asarray(paged_attention(*args, scale=0.25)), np.asarray(paged_attention_reference(*args, scale=0.25))
@@ -95,10 +98,11 @@ def test_dispatch_point_runs_the_reference_on_cpu():
 def test_bad_shapes_get_clear_errors():
     rng = np.random.default_rng(2)
     q, kp, vp, tables, lens, q_pos = make_case(rng, 2, 1, 8, 2, 16, 16, [9, 30])
+    kv = PagedKV(kp, vp)
     with pytest.raises(ValueError, match="multiple of kv heads"):
-        paged_attention_reference(q[:, :, :5], kp, vp, tables, lens, q_pos, scale=1.0)
+        paged_attention_reference(q[:, :, :5], kv, tables, lens, q_pos, scale=1.0)
     with pytest.raises(ValueError, match="block_tables"):
-        paged_attention_reference(q, kp, vp, tables[:1], lens, q_pos, scale=1.0)
+        paged_attention_reference(q, kv, tables[:1], lens, q_pos, scale=1.0)
 
 
 @pytest.mark.parametrize("bits", [8, 4])
@@ -109,10 +113,9 @@ def test_quantized_pages_attend_like_their_dequantized_values(bits):
     q, kp, vp, tables, lens, q_pos = make_case(rng, 2, 3, 8, 2, 16, 16, [7, 35])
     k_codes, k_sz = quantize_kv(kp, bits)
     v_codes, v_sz = quantize_kv(vp, bits)
-    got = paged_attention_reference(q, k_codes, v_codes, tables, lens, q_pos, scale=0.25,
-                                    k_scale_zero=k_sz, v_scale_zero=v_sz, kv_bits=bits)
-    want = paged_attention_reference(q, dequantize_kv(k_codes, k_sz, bits), dequantize_kv(v_codes, v_sz, bits),
-                                     tables, lens, q_pos, scale=0.25)
+    got = paged_attention_reference(q, PagedKV(k_codes, v_codes, k_sz, v_sz, bits), tables, lens, q_pos, scale=0.25)
+    dequantized = PagedKV(dequantize_kv(k_codes, k_sz, bits), dequantize_kv(v_codes, v_sz, bits))
+    want = paged_attention_reference(q, dequantized, tables, lens, q_pos, scale=0.25)
     np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=1e-5)
     with pytest.raises(ValueError, match="k_scale_zero"):
-        paged_attention_reference(q, k_codes, v_codes, tables, lens, q_pos, scale=0.25, kv_bits=bits)
+        paged_attention_reference(q, PagedKV(k_codes, v_codes, bits=bits), tables, lens, q_pos, scale=0.25)

@@ -2,6 +2,7 @@
 independent formulations), the kernel in Pallas' interpreter against the oracle, input
 validation, and lowering for CUDA (no GPU needed) with the block sizes the table chooses."""
 
+import dataclasses
 import itertools
 import re
 import zlib
@@ -12,10 +13,9 @@ import numpy as np
 import pytest
 
 from pallas_kernels.block_sizes import prefill_attention_blocks
-from pallas_kernels.paged_attention import paged_attention_reference
-from pallas_kernels.paged_kv import quantize_kv
 from pallas_kernels.dispatch import use_implementation
-from pallas_kernels.paged_attention import paged_attention
+from pallas_kernels.paged_attention import paged_attention, paged_attention_reference
+from pallas_kernels.paged_kv import PagedKV, quantize_kv
 from pallas_kernels.prefill_attention import prefill_attention_kernel, prefill_attention_reference
 
 # Compiling, not running, is what these tests spend their time on: every function runs jitted as a
@@ -44,7 +44,9 @@ def make_chunk_case(rng, *, group, kv_heads, head_dim, page_size, q_len, q_dtype
     earlier context in pages that end mid-page, at the end of a page, and one token into a page
     (256 is a multiple of every loop iteration's keys); a padding row (seq_len 0).
 
-    Returns (args, kwargs, real) with ``real[b, t]`` true for the tokens whose outputs count.
+    Returns (args, kwargs, real): the positional arguments (q, kv, block_tables, seq_lens, q_positions)
+    and keyword arguments of the attention functions, ``real[b, t]`` true for the tokens whose
+    outputs count.
     """
     first = q_len - 3 if first_tokens is None else first_tokens
     seq_lens = [first, 6 * page_size + page_size // 2 + 3, 256, 257, 0]
@@ -68,15 +70,13 @@ def make_chunk_case(rng, *, group, kv_heads, head_dim, page_size, q_len, q_dtype
     for b in (1, 2, 3):
         q_pos[b] = np.arange(seq_lens[b] - q_len, seq_lens[b])
         real[b] = True
-    kwargs = {"scale": head_dim**-0.5}
     q = q.astype(q_dtype)
     if kv_bits:
-        k_pages, kwargs["k_scale_zero"] = quantize(k_pages, kv_bits)
-        v_pages, kwargs["v_scale_zero"] = quantize(v_pages, kv_bits)
-        kwargs["kv_bits"] = kv_bits
+        (k_codes, k_sz), (v_codes, v_sz) = quantize(k_pages, kv_bits), quantize(v_pages, kv_bits)
+        kv = PagedKV(k_codes, v_codes, k_sz, v_sz, kv_bits)
     else:
-        k_pages, v_pages = k_pages.astype(q_dtype), v_pages.astype(q_dtype)
-    return (q, k_pages, v_pages, tables, np.array(seq_lens, np.int32), q_pos), kwargs, real
+        kv = PagedKV(k_pages.astype(q_dtype), v_pages.astype(q_dtype))
+    return (q, kv, tables, np.array(seq_lens, np.int32), q_pos), {"scale": head_dim**-0.5}, real
 
 
 def dispatched(*args, interpret: bool, **kwargs):
@@ -153,8 +153,8 @@ def test_first_chunk_of_one_token_with_a_sliding_window():
     kwargs["sliding_window"] = 4
     got = run(dispatched, args, {**kwargs, "interpret": True})
     check_real_rows(got, oracle(args, kwargs), real, "float32")
-    v_pages, tables = args[2], args[3]
-    np.testing.assert_allclose(got[0, 0, 0], v_pages[tables[0, 0], 0, 0], atol=1e-6)  # it sees key 0 alone
+    kv, tables = args[1], args[2]
+    np.testing.assert_allclose(got[0, 0, 0], kv.v[tables[0, 0], 0, 0], atol=1e-6)  # it sees key 0 alone
 
 
 @pytest.mark.parametrize("group,page_size,q_dtype,kv_bits,head_dim,window", GRID[::2])
@@ -175,23 +175,29 @@ def test_bad_inputs_get_clear_errors():
     rng = np.random.default_rng(9)
     args, kwargs, _ = make_chunk_case(rng, group=2, kv_heads=2, head_dim=64, page_size=16, q_len=Q_LEN,
                                       q_dtype="float32", kv_bits=0)
-    q, kp, vp, tables, lens, q_pos = args
+    q, kv, tables, lens, q_pos = args
     qargs, qkwargs, _ = make_chunk_case(rng, group=2, kv_heads=2, head_dim=64, page_size=16, q_len=Q_LEN,
                                         q_dtype="float32", kv_bits=4)
+    qkv = qargs[1]
     knobs = {"block_rows": 64, "pages_per_iteration": 1, "num_warps": 4, "num_stages": 2}
+
+    def with_kv(a, **fields):
+        """``a`` with fields of its pools replaced."""
+        return (a[0], dataclasses.replace(a[1], **fields), *a[2:])
+
     cases = [
         ("multiple of kv heads", (q[:, :, :3], *args[1:]), kwargs),
-        ("block_tables", (q, kp, vp, tables[:1], lens, q_pos), kwargs),
-        ("head_dim must be one of", (q[..., :32], kp[..., :32], vp[..., :32], *args[3:]), kwargs),
-        ("page_size must be one of", (q, kp[:, :, :8], vp[:, :, :8], *args[3:]), kwargs),
+        ("block_tables", (q, kv, tables[:1], lens, q_pos), kwargs),
+        ("head_dim must be one of", (q[..., :32], PagedKV(kv.k[..., :32], kv.v[..., :32]), *args[2:]), kwargs),
+        ("page_size must be one of", with_kv(args, k=kv.k[:, :, :8], v=kv.v[:, :, :8]), kwargs),
         ("float pages must have q's dtype", (q.astype(jnp.bfloat16), *args[1:]), kwargs),
         ("q must be float32, bfloat16 or float16", (q.astype(jnp.int32), *args[1:]), kwargs),
         ("sliding_window", args, {**kwargs, "sliding_window": 0}),
-        ("kv_bits must be", args, {**kwargs, "kv_bits": 2}),
-        ("only for quantized pages", args, {**kwargs, "k_scale_zero": qkwargs["k_scale_zero"]}),
-        ("v_scale_zero is missing", qargs, {**qkwargs, "v_scale_zero": None}),
-        ("k_scale_zero must be float32", qargs, {**qkwargs, "k_scale_zero": qkwargs["k_scale_zero"][..., :1]}),
-        ("uint8 codes", (qargs[0], qargs[1].astype(jnp.int8), *qargs[2:]), qkwargs),
+        ("kv.bits must be", with_kv(args, bits=2), kwargs),
+        ("only for quantized pages", with_kv(args, k_scale_zero=qkv.k_scale_zero), kwargs),
+        ("v_scale_zero is missing", with_kv(qargs, v_scale_zero=None), qkwargs),
+        ("k_scale_zero must be float32", with_kv(qargs, k_scale_zero=qkv.k_scale_zero[..., :1]), qkwargs),
+        ("uint8 codes", with_kv(qargs, k=qkv.k.astype(jnp.int8)), qkwargs),
     ]
     for message, a, kw in cases:
         with pytest.raises(ValueError, match=re.escape(message)):
@@ -221,14 +227,14 @@ def test_lowers_to_triton_for_cuda(q_len, group, page_size, q_dtype, kv_bits, he
     pool = jax.ShapeDtypeStruct((num_pages, kv_heads, page_size, stored), jnp.uint8 if kv_bits else q_dtype)
     scale_zero = jax.ShapeDtypeStruct((num_pages, kv_heads, page_size, 2), jnp.float32) if kv_bits else None
     args = (
-        jax.ShapeDtypeStruct((batch, q_len, group * kv_heads, head_dim), q_dtype), pool, pool,
+        jax.ShapeDtypeStruct((batch, q_len, group * kv_heads, head_dim), q_dtype),
+        PagedKV(pool, pool, scale_zero, scale_zero, kv_bits),
         jax.ShapeDtypeStruct((batch, pages_per_seq), jnp.int32), jax.ShapeDtypeStruct((batch,), jnp.int32),
-        jax.ShapeDtypeStruct((batch, q_len), jnp.int32), scale_zero, scale_zero,
+        jax.ShapeDtypeStruct((batch, q_len), jnp.int32),
     )
 
-    def f(q, kp, vp, tables, lens, pos, k_sz, v_sz):
-        return dispatched(q, kp, vp, tables, lens, pos, scale=head_dim**-0.5, sliding_window=window,
-                          k_scale_zero=k_sz, v_scale_zero=v_sz, kv_bits=kv_bits, interpret=False)
+    def f(q, kv, tables, lens, pos):
+        return dispatched(q, kv, tables, lens, pos, scale=head_dim**-0.5, sliding_window=window, interpret=False)
 
     text = jax.jit(f).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
     assert "xla.gpu.triton" in text
