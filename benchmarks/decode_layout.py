@@ -1,20 +1,15 @@
-"""Decode step time of SmolLM2-135M fp32 in each parameter layout the engine could run
-(``jaxinfer.model.ParamLayout``): the canonical tree, q/k/v fused, and the engine's ``EXECUTION``
-layout (q/k/v fused, float kernels stored ``[out, in]``).
+"""Decode step time of SmolLM2-135M fp32 with separate q/k/v projections (the canonical tree)
+vs fused into one matmul (what the engine runs: ``jaxinfer.model.fuse_qkv_params``).
 
-Why it exists: XLA:CPU's matmul speed depends on the weight's shape and layout. The first table
-measures that on single matmuls over a chain of distinct weights (~300 MB in all, so that they
-stream from memory, not from cache), at batch 1 and 16, with each weight stored ``[in, out]`` and
-``[out, in]``, the two called in turn:
+Why it exists: on XLA:CPU a matrix-vector product whose weight is under ~2 MB runs on one core.
+SmolLM2's q/k/v projections are 0.4-1.3 MB each, so at batch 1 they stream at about half the
+machine's bandwidth; the fused [576, 960] one is large enough for both cores. The first table
+shows that threshold on single matmuls (a chain of distinct weights, ~300 MB in all so that they
+stream from memory, not from cache).
 
-- at batch 1 a weight under ~2 MB runs on one core: SmolLM2's q/k/v projections (0.4-1.3 MB each)
-  stream at about half the machine's bandwidth; the fused [576, 960] one is large enough for both;
-- at decode batch sizes ``[out, in]`` weights run faster than ``[in, out]`` ones.
-
-Then one engine per layout on the same weights (one process, one shared machine) decodes the same
-prompt; repeats alternate between them. Per batch size: median step time over all decode steps of
-all repeats, each layout's speed-up over the canonical tree side by side, and whether all layouts
-produced the same tokens.
+Then two engines on the same weights (one process, one shared machine) decode the same prompt;
+repeats alternate between them. Per batch size: median step time over all decode steps of all
+repeats, and the ratio side by side.
 
     .venv/bin/python benchmarks/decode_layout.py                   # print the tables
     .venv/bin/python benchmarks/decode_layout.py --write-results   # and append them to RESULTS.md
@@ -34,43 +29,33 @@ STREAMED_BYTES = 300e6
 
 
 def matmul_table(runs: int) -> list[str]:
-    """Microseconds per matmul ``[M, K] x W`` in a chain of distinct weights, by weight shape, M and
-    the weight's layout (``[K, N]`` or ``[N, K]``); the layouts are called in turn."""
+    """GB/s of a chain of [1, K] x [K, N] matmuls over distinct weights, by weight shape."""
     import jax
     import jax.numpy as jnp
 
     rng = np.random.default_rng(0)
-    rows = ["| weight [K, N] | MB | M | [in, out] us | GB/s | [out, in] us | GB/s | speed-up |",
-            "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    rows = ["| weight [K, N] | MB | GB/s (median of chain runs) |", "|---|---:|---:|"]
     for k, n in [(576, 192), (576, 576), (576, 960), (576, 1536), (1536, 576)]:
         count = int(STREAMED_BYTES / (k * n * 4))
-        weights = [rng.standard_normal((k, n), dtype=np.float32) for _ in range(count)]
-        layouts = {"in_out": [jnp.asarray(w) for w in weights], "out_in": [jnp.asarray(w.T) for w in weights]}
-        del weights
+        weights = [jnp.asarray(rng.standard_normal((k, n), dtype=np.float32)) for _ in range(count)]
 
-        def chain(ws, x, contract):
+        @jax.jit
+        def chain(ws, x):
             acc = jnp.zeros((), jnp.float32)
             for w in ws:  # each matmul depends on the last, so none overlap
-                acc = acc + jax.lax.dot_general(x, w, (((1,), (contract,)), ((), ())))[0, 0]
+                acc = acc + (x @ w)[0, 0]
                 x = x + acc * 1e-9
             return acc
 
-        fns = {"in_out": jax.jit(lambda ws, x: chain(ws, x, 0)), "out_in": jax.jit(lambda ws, x: chain(ws, x, 1))}
-        for m in (1, 16):
-            x = jnp.ones((m, k), jnp.float32)
-            times = {name: [] for name in fns}
-            for name, fn in fns.items():
-                fn(layouts[name], x).block_until_ready()
-            for _ in range(runs):
-                for name, fn in fns.items():
-                    t = time.perf_counter()
-                    fn(layouts[name], x).block_until_ready()
-                    times[name].append(time.perf_counter() - t)
-            med = {name: statistics.median(ts) / count for name, ts in times.items()}
-            gbs = {name: k * n * 4 / t / 1e9 for name, t in med.items()}
-            rows.append(f"| [{k}, {n}] | {k * n * 4 / 1e6:.2f} | {m} | {med['in_out'] * 1e6:.0f} | {gbs['in_out']:.1f} | "
-                        f"{med['out_in'] * 1e6:.0f} | {gbs['out_in']:.1f} | {med['in_out'] / med['out_in']:.2f}x |")
-            print(rows[-1], flush=True)
+        x = jnp.ones((1, k), jnp.float32)
+        chain(weights, x).block_until_ready()
+        times = []
+        for _ in range(runs):
+            t = time.perf_counter()
+            chain(weights, x).block_until_ready()
+            times.append(time.perf_counter() - t)
+        rows.append(f"| [{k}, {n}] | {k * n * 4 / 1e6:.2f} | {count * k * n * 4 / statistics.median(times) / 1e9:.1f} |")
+        print(rows[-1], flush=True)
     return rows
 
 
@@ -110,24 +95,21 @@ def main() -> None:
     from converters.convert import embedded_model_path
     from converters.loader import load_model
     from jaxinfer.llm import build_engine
-    from jaxinfer.model import CANONICAL, EXECUTION, ParamLayout
     from jaxinfer.model_runner import ModelRunner
 
     matmuls = matmul_table(runs=7)
     loaded = load_model(embedded_model_path(progress=False), jnp.float32, progress=False)
     prompt = prompt_ids(loaded.tokenizer, args.prompt_tokens)
     options = {"max_batch_size": max(batches), "session_len": args.prompt_tokens + args.decode_tokens + 64}
-    layouts = {"canonical": CANONICAL, "fused q/k/v": ParamLayout(fuse_qkv=True), "execution": EXECUTION}
     engines = {}
-    for name, layout in layouts.items():
+    for name, fused in (("separate", False), ("fused", True)):
         engine = build_engine(loaded, warmup=False, progress=False, **options)
-        r = engine.runner  # same buckets and pages, the chosen layout
-        engine.runner = ModelRunner(loaded.config, loaded.params, loaded.dtype, r.buckets, r.cache.num_pages, 0, layout)
+        r = engine.runner  # same buckets and pages, the chosen projections
+        engine.runner = ModelRunner(loaded.config, loaded.params, loaded.dtype, r.buckets, r.cache.num_pages, 0, fused)
         engine.runner.warmup(progress=False)
         engines[name] = engine
-    rows = ["| batch | " + " | ".join(f"{name} ms/step" for name in layouts) + " | "
-            + " | ".join(f"{name} speed-up" for name in list(layouts)[1:]) + " | tokens equal |",
-            "|---:|" + "---:|" * (2 * len(layouts) - 1) + "---|"]
+    rows = ["| batch | separate q/k/v ms/step | fused ms/step | separate / fused | tokens equal |",
+            "|---:|---:|---:|---:|---|"]
     for batch in batches:
         steps = {name: [] for name in engines}
         tokens = {name: [] for name in engines}
@@ -137,9 +119,9 @@ def main() -> None:
                 steps[name] += s
                 tokens[name] += t
         med = {name: statistics.median(s) * 1e3 for name, s in steps.items()}
-        same = "yes" if all(t == tokens["canonical"] for t in tokens.values()) else "**no**"
-        rows.append(f"| {batch} | " + " | ".join(f"{med[name]:.2f}" for name in layouts) + " | "
-                    + " | ".join(f"{med['canonical'] / med[name]:.2f}x" for name in list(layouts)[1:]) + f" | {same} |")
+        same = "yes" if tokens["separate"] == tokens["fused"] else "**no**"
+        rows.append(f"| {batch} | {med['separate']:.2f} | {med['fused']:.2f} | "
+                    f"{med['separate'] / med['fused']:.2f}x | {same} |")
         print(rows[-1], flush=True)
     notes = [
         (f"- SmolLM2-135M fp32 (embedded GGUF dequantized), {args.prompt_tokens}-token prompt, "
@@ -147,8 +129,8 @@ def main() -> None:
          f"median over all pure decode steps."),
         f"- Load: before `{load_before}`; after `{load_average()}`.",
     ]
-    publish("Decode layout: parameter layouts side by side, SmolLM2-135M fp32",
-            ["Single matmuls [M, K] x W, streamed, W stored [in, out] or [out, in]:", "", *matmuls], rows, notes,
+    publish("Decode layout: separate vs fused q/k/v projections, SmolLM2-135M fp32",
+            ["Single matmuls [1, K] x [K, N], streamed:", "", *matmuls], rows, notes,
             write=args.write_results)
 
 

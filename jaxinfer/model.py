@@ -12,14 +12,13 @@ slice before its matmuls) for a compile time that is still a few seconds at 30 l
 Every parameter carries logical axis names (``vocab``, ``embed``, ``heads``, ``kv_heads``, ``mlp``,
 ``head_dim``, ``norm``) so that tensor parallelism can shard it by rules, without touching this file.
 
-Checkpoints hold that canonical tree; the engine runs it in an execution layout made at start-up
-(``ParamLayout``, ``to_layout``).
+Checkpoints hold that canonical tree; the engine runs it with q/k/v fused (``fuse_qkv_params``):
+on XLA:CPU a matrix-vector product whose weight is under ~2 MB runs on one core, and small
+models' q/k/v projections are under it, while the fused one is not (``benchmarks/decode_layout.py``).
 """
 
 from __future__ import annotations
 
-import functools
-from dataclasses import dataclass
 from typing import Any
 
 import flax.linen as nn
@@ -36,55 +35,27 @@ from pallas_kernels.paged_kv import PagedKV
 Dtype = Any
 
 
-@dataclass(frozen=True)
-class ParamLayout:
-    """How a parameter tree lays out the linear weights.
-
-    ``CANONICAL`` is the tree that checkpoints, converters, quantizers and ``param_logical_axes``
-    know: every projection separate, float kernels ``[in, out]``. The engine runs ``EXECUTION``,
-    made from it at start-up by ``to_layout``; both choices were measured on XLA:CPU
-    (``benchmarks/decode_layout.py``):
-
-    fuse_qkv: q/k/v concatenated into one ``qkv_proj`` (output columns q's, then k's, then v's).
-      A matrix-vector product whose weight is under ~2 MB runs on one core; small models' q/k/v
-      projections are under it, the fused one is not.
-    out_in_kernels: float kernels stored ``[out, in]``, the layout XLA:CPU's dot runs faster at
-      decode batch sizes. Packed int4/int8 leaves keep their own layout.
-    """
-
-    fuse_qkv: bool = False
-    out_in_kernels: bool = False
-
-
-CANONICAL = ParamLayout()
-EXECUTION = ParamLayout(fuse_qkv=True, out_in_kernels=True)
-
-
 def _param(module: nn.Module, name: str, shape, axes, dtype, init=nn.initializers.lecun_normal()):
     return module.param(name, nn.with_logical_partitioning(init, axes), shape, dtype)
 
 
 class Linear(nn.Module):
-    """``y = x @ W (+ bias)`` with ``W`` ``[in, out]`` named by ``axes``: a float ``kernel`` (stored
-    ``[out, in]`` if ``out_in``), or with ``quant`` set, ``qweight``/``scales``/``biases`` in the
-    packed format of ``pallas_kernels.int4_matmul``."""
+    """``y = x @ W (+ bias)`` with ``W`` ``[in, out]`` named by ``axes``: a float ``kernel``, or with
+    ``quant`` set, ``qweight``/``scales``/``biases`` in the packed format of
+    ``pallas_kernels.int4_matmul``."""
 
     features: int
     axes: tuple[str, str]
     use_bias: bool = False
     dtype: Dtype = jnp.float32
     quant: WeightQuant | None = None
-    out_in: bool = False
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         n_in = x.shape[-1]
         if self.quant is None:
-            if self.out_in:
-                kernel = _param(self, "kernel", (self.features, n_in), self.axes[::-1], self.dtype)
-            else:
-                kernel = _param(self, "kernel", (n_in, self.features), self.axes, self.dtype)
-            y = jax.lax.dot_general(x, kernel, (((x.ndim - 1,), (1 if self.out_in else 0,)), ((), ())))
+            kernel = _param(self, "kernel", (n_in, self.features), self.axes, self.dtype)
+            y = jnp.einsum("...i,io->...o", x, kernel)
         else:
             q = self.quant
             rows = padded_rows(n_in, q.group_size)
@@ -125,24 +96,27 @@ def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: np.ndarray) -> jax.
 
 
 class Attention(nn.Module):
+    """``fused_qkv``: one ``qkv_proj`` (output columns q's, then k's, then v's) instead of three
+    projections; see ``fuse_qkv_params``."""
+
     config: ModelConfig
     dtype: Dtype = jnp.float32
-    layout: ParamLayout = CANONICAL
+    fused_qkv: bool = False
 
     @nn.compact
     def __call__(self, x, cache: PagedKV, meta: AttentionMetadata):
         """x: ``[batch, seq, embed]`` -> (``[batch, seq, embed]``, the layer's updated cache)."""
         c = self.config
         batch, seq, _ = x.shape
-        linear = functools.partial(Linear, dtype=self.dtype, quant=c.weight_quant, out_in=self.layout.out_in_kernels)
+        wq = c.weight_quant
         q_dim, kv_dim = c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim
-        if self.layout.fuse_qkv:
-            qkv = linear(q_dim + 2 * kv_dim, ("embed", "heads"), c.qkv_bias, name="qkv_proj")(x)
+        if self.fused_qkv:
+            qkv = Linear(q_dim + 2 * kv_dim, ("embed", "heads"), c.qkv_bias, self.dtype, wq, name="qkv_proj")(x)
             q, k, v = jnp.split(qkv, [q_dim, q_dim + kv_dim], axis=-1)
         else:
-            q = linear(q_dim, ("embed", "heads"), c.qkv_bias, name="q_proj")(x)
-            k = linear(kv_dim, ("embed", "kv_heads"), c.qkv_bias, name="k_proj")(x)
-            v = linear(kv_dim, ("embed", "kv_heads"), c.qkv_bias, name="v_proj")(x)
+            q = Linear(q_dim, ("embed", "heads"), c.qkv_bias, self.dtype, wq, name="q_proj")(x)
+            k = Linear(kv_dim, ("embed", "kv_heads"), c.qkv_bias, self.dtype, wq, name="k_proj")(x)
+            v = Linear(kv_dim, ("embed", "kv_heads"), c.qkv_bias, self.dtype, wq, name="v_proj")(x)
         q = q.reshape(batch, seq, c.num_heads, c.head_dim)
         k = k.reshape(batch, seq, c.num_kv_heads, c.head_dim)
         v = v.reshape(batch, seq, c.num_kv_heads, c.head_dim)
@@ -159,55 +133,55 @@ class Attention(nn.Module):
             scale=c.head_dim**-0.5, sliding_window=c.sliding_window,
         )
         o = o.reshape(batch, seq, q_dim)
-        o = linear(c.hidden_size, ("heads", "embed"), c.o_bias, name="o_proj")(o)
+        o = Linear(c.hidden_size, ("heads", "embed"), c.o_bias, self.dtype, wq, name="o_proj")(o)
         return o, cache
 
 
 class MLP(nn.Module):
     config: ModelConfig
     dtype: Dtype = jnp.float32
-    layout: ParamLayout = CANONICAL
 
     @nn.compact
     def __call__(self, x):
         c = self.config
-        linear = functools.partial(Linear, dtype=self.dtype, quant=c.weight_quant, out_in=self.layout.out_in_kernels)
-        gate = linear(c.intermediate_size, ("embed", "mlp"), c.mlp_bias, name="gate_proj")(x)
-        up = linear(c.intermediate_size, ("embed", "mlp"), c.mlp_bias, name="up_proj")(x)
-        return linear(c.hidden_size, ("mlp", "embed"), c.mlp_bias, name="down_proj")(nn.silu(gate) * up)
+        wq = c.weight_quant
+        gate = Linear(c.intermediate_size, ("embed", "mlp"), c.mlp_bias, self.dtype, wq, name="gate_proj")(x)
+        up = Linear(c.intermediate_size, ("embed", "mlp"), c.mlp_bias, self.dtype, wq, name="up_proj")(x)
+        return Linear(c.hidden_size, ("mlp", "embed"), c.mlp_bias, self.dtype, wq, name="down_proj")(
+            nn.silu(gate) * up
+        )
 
 
 class DecoderLayer(nn.Module):
     config: ModelConfig
     dtype: Dtype = jnp.float32
-    layout: ParamLayout = CANONICAL
+    fused_qkv: bool = False
 
     @nn.compact
     def __call__(self, x, cache: PagedKV, meta: AttentionMetadata):
         c = self.config
         h = RMSNorm(c.rms_norm_eps, dtype=self.dtype, name="input_norm")(x)
-        a, cache = Attention(c, self.dtype, self.layout, name="attn")(h, cache, meta)
+        a, cache = Attention(c, self.dtype, self.fused_qkv, name="attn")(h, cache, meta)
         x = x + a
         h = RMSNorm(c.rms_norm_eps, dtype=self.dtype, name="post_attention_norm")(x)
-        x = x + MLP(c, self.dtype, self.layout, name="mlp")(h)
+        x = x + MLP(c, self.dtype, name="mlp")(h)
         return x, cache
 
 
 class LlamaModel(nn.Module):
-    """Token ids in, hidden states and the updated cache out; ``logits`` maps hidden states to vocab.
-    ``layout``: the layout of the params it is applied to."""
+    """Token ids in, hidden states and the updated cache out; ``logits`` maps hidden states to vocab."""
 
     config: ModelConfig
     dtype: Dtype = jnp.float32
-    layout: ParamLayout = CANONICAL
+    fused_qkv: bool = False
 
     def setup(self):
         c = self.config
         self.embed_tokens = _embedding(self, c, self.dtype)
-        self.layers = [DecoderLayer(c, self.dtype, self.layout, name=f"layers_{i}") for i in range(c.num_layers)]
+        self.layers = [DecoderLayer(c, self.dtype, self.fused_qkv, name=f"layers_{i}") for i in range(c.num_layers)]
         self.norm = RMSNorm(c.rms_norm_eps, dtype=self.dtype)
         if not c.tie_word_embeddings:
-            self.lm_head = Linear(c.vocab_size, ("embed", "vocab"), dtype=self.dtype, out_in=self.layout.out_in_kernels)
+            self.lm_head = Linear(c.vocab_size, ("embed", "vocab"), dtype=self.dtype)
 
     def __call__(self, tokens: jax.Array, meta: AttentionMetadata, cache: KVCache):
         """tokens ``[batch, seq]`` -> (hidden ``[batch, seq, embed]`` after the final norm, cache)."""
@@ -230,21 +204,16 @@ class LlamaModel(nn.Module):
         return out.astype(jnp.float32)
 
 
-def to_layout(params: Any, config: ModelConfig, layout: ParamLayout) -> Any:
-    """The canonical tree (as checkpoints hold it) in ``layout``, as a new tree."""
+def fuse_qkv_params(params: Any, config: ModelConfig) -> Any:
+    """The canonical tree (as checkpoints hold it) with each layer's q/k/v projections concatenated
+    into ``qkv_proj``, for ``LlamaModel(..., fused_qkv=True)``. Float and packed linears alike keep
+    their output columns on the last axis of every leaf (kernel, qweight, scales, biases, bias)."""
     out = dict(params)
-    if layout.fuse_qkv:
-        # Float and packed linears alike keep their output columns on the last axis of every leaf
-        # (kernel, qweight, scales, biases, bias).
-        for i in range(config.num_layers):
-            attn = dict(params[f"layers_{i}"]["attn"])
-            q, k, v = (attn.pop(name) for name in ("q_proj", "k_proj", "v_proj"))
-            attn["qkv_proj"] = {leaf: jnp.concatenate([q[leaf], k[leaf], v[leaf]], axis=-1) for leaf in q}
-            out[f"layers_{i}"] = {**params[f"layers_{i}"], "attn": attn}
-    if layout.out_in_kernels:
-        out = jax.tree_util.tree_map_with_path(
-            lambda path, x: jnp.asarray(x).T if path[-1].key == "kernel" else x, out
-        )
+    for i in range(config.num_layers):
+        attn = dict(params[f"layers_{i}"]["attn"])
+        q, k, v = (attn.pop(name) for name in ("q_proj", "k_proj", "v_proj"))
+        attn["qkv_proj"] = {leaf: jnp.concatenate([q[leaf], k[leaf], v[leaf]], axis=-1) for leaf in q}
+        out[f"layers_{i}"] = {**params[f"layers_{i}"], "attn": attn}
     return out
 
 

@@ -17,7 +17,7 @@ from tqdm.auto import tqdm
 from jaxinfer.buckets import Buckets, StepArrays, StepRow
 from jaxinfer.config import ModelConfig
 from jaxinfer.kv_cache import AttentionMetadata, KVCache
-from jaxinfer.model import EXECUTION, LlamaModel, ParamLayout, to_layout
+from jaxinfer.model import LlamaModel, fuse_qkv_params
 from jaxinfer.sampler import SampleOutput, SamplingTensors, sample
 
 
@@ -31,12 +31,13 @@ def _model_step(model: LlamaModel, params, cache: KVCache, tokens, meta: Attenti
 
 class ModelRunner:
     def __init__(self, config: ModelConfig, params: Any, dtype, buckets: Buckets, num_pages: int, quant_policy: int = 0,
-                 layout: ParamLayout = EXECUTION):
-        """``params``: the canonical tree. The runner keeps it in ``layout`` (see ``ParamLayout``)."""
+                 fused_qkv: bool = True):
+        """``params``: the canonical tree. The runner keeps it with q/k/v fused (one larger matmul
+        instead of three small ones) unless ``fused_qkv`` is False."""
         self.config = config
-        self.params = to_layout(params, config, layout)
+        self.params = fuse_qkv_params(params, config) if fused_qkv else params
         self.buckets = buckets
-        self.model = LlamaModel(config, dtype, layout)
+        self.model = LlamaModel(config, dtype, fused_qkv)
         self.cache = KVCache.allocate(config, num_pages, buckets.page_size, dtype, quant_policy)
         self._step = jax.jit(functools.partial(_model_step, self.model), donate_argnums=(1,))
         self._no_history: dict[int, jax.Array] = {}  # per batch size: the all-padding history

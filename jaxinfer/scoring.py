@@ -12,7 +12,7 @@ import numpy as np
 
 from jaxinfer.config import ModelConfig
 from jaxinfer.kv_cache import TRASH_PAGE, AttentionMetadata, KVCache
-from jaxinfer.model import CANONICAL, LlamaModel, ParamLayout, to_layout
+from jaxinfer.model import LlamaModel, fuse_qkv_params
 
 
 def contiguous_metadata(lengths: Sequence[int], length: int) -> AttentionMetadata:
@@ -37,18 +37,18 @@ def _all_logits(model: LlamaModel, params, tokens, meta, cache):
 
 
 def sequence_logits(config: ModelConfig, params: Any, sequences: Sequence[Sequence[int]], dtype=jnp.float32,
-                    quant_policy: int = 0, layout: ParamLayout = CANONICAL) -> list[np.ndarray]:
+                    quant_policy: int = 0, fused_qkv: bool = False) -> list[np.ndarray]:
     """Float32 logits ``[len_i, vocab]`` of each sequence, all run as one padded batch in a
     throwaway cache (one page per row, as long as the longest sequence; K/V quantized as
-    ``quant_policy`` says, so its effect is in the logits). ``params`` is the canonical tree; the
-    model runs it in ``layout`` (``model.EXECUTION``: as the engine does)."""
+    ``quant_policy`` says, so its effect is in the logits). ``params`` is the canonical tree; with
+    ``fused_qkv`` the model runs it as the engine does, q/k/v fused."""
     length = max(len(s) for s in sequences)
     tokens = np.zeros((len(sequences), length), np.int32)
     for i, s in enumerate(sequences):
         tokens[i, : len(s)] = s
     meta = contiguous_metadata([len(s) for s in sequences], length)
     cache = KVCache.allocate(config, len(sequences) + 1, length, dtype, quant_policy)
-    logits = np.asarray(
-        _all_logits(LlamaModel(config, dtype, layout), to_layout(params, config, layout), tokens, meta, cache)
-    )
+    if fused_qkv:
+        params = fuse_qkv_params(params, config)
+    logits = np.asarray(_all_logits(LlamaModel(config, dtype, fused_qkv), params, tokens, meta, cache))
     return [logits[i, : len(s)] for i, s in enumerate(sequences)]
