@@ -136,7 +136,7 @@ def main() -> None:
         "per weight type, types alternating; GB/s = weight bytes / time, GFLOP/s = 2 x M x weights / time.",
         f"- Gathers: per read, one page per sequence ({args.gather_batch} sequences) feeding a q.k product; "
         f"median of {args.runs} runs of 40 reads; us per read includes the product.",
-        f"- XLA_FLAGS: `{os.environ.get('XLA_FLAGS', '')}`.",
+        f"- XLA_FLAGS: `{os.environ.get('XLA_FLAGS') or '(none)'}`.",
         f"- Load: before `{load_before}`; after `{load_average()}`.",
     ]
     publish("CPU limits: XLA:CPU matmuls and page gathers at SmolLM2 shapes", matmuls, gathers, notes,
