@@ -207,7 +207,9 @@ class LlamaModel(nn.Module):
 def fuse_qkv_params(params: Any, config: ModelConfig) -> Any:
     """The canonical tree (as checkpoints hold it) with each layer's q/k/v projections concatenated
     into ``qkv_proj``, for ``LlamaModel(..., fused_qkv=True)``. Float and packed linears alike keep
-    their output columns on the last axis of every leaf (kernel, qweight, scales, biases, bias)."""
+    their output columns on the last axis of every leaf (kernel, qweight, scales, biases, bias).
+    An engine-only layout: tensor-parallel rules (``param_logical_axes``) describe the canonical
+    tree, since an even split of the fused columns would mix q, k and v across devices."""
     out = dict(params)
     for i in range(config.num_layers):
         attn = dict(params[f"layers_{i}"]["attn"])
