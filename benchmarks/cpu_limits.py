@@ -123,7 +123,7 @@ def gather_table(batch: int, runs: int) -> list[str]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--batches", default="1,16,32", help="matmul rows M, comma-separated (default 1,16,32)")
+    ap.add_argument("--batches", default="1,2,4,8,16,32", help="matmul rows M, comma-separated (default 1,2,4,8,16,32)")
     ap.add_argument("--gather-batch", type=int, default=16, help="sequences whose pages one gather reads (default 16)")
     ap.add_argument("--runs", type=int, default=15, help="timed calls of each variant, alternating (default 15)")
     ap.add_argument("--write-results", action="store_true", help="append a dated section to benchmarks/RESULTS.md")

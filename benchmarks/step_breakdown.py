@@ -1,0 +1,154 @@
+"""What parts of a decode step cost, measured by taking them out: SmolLM2-135M fp32 decode steps
+of the engine as shipped, side by side with two what-if variants of its model.
+
+- ``no attention``: paged attention replaced by a copy of the queries (KV writes, projections,
+  MLP and LM head unchanged). Its step time is the engine's minus what attention costs, so
+  ``engine - no attention`` is attention's share, measured rather than inferred by subtraction
+  from matmul benchmarks. Its tokens are meaningless and not compared.
+- ``gate/up fused``: each MLP's gate and up projections concatenated into one [576, 3072] matmul,
+  as the engine already does for q/k/v. Its tokens must equal the engine's.
+
+The variants are built by swapping ``jaxinfer.model``'s attention function or MLP module while
+their runner traces its shape buckets (``warmup``), so they run the engine's own scheduler,
+buckets and sampler. Engines alternate within each repeat; per batch size: median step time over
+all pure decode steps (no prefill in them) of all repeats.
+
+    .venv/bin/python benchmarks/step_breakdown.py --batches 1,16,32 [--write-results]
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import statistics
+from collections.abc import Iterator
+
+from decode import prompt_ids
+from decode_layout import decode_steps
+from report import load_average, publish
+
+
+@contextlib.contextmanager
+def no_attention() -> Iterator[None]:
+    import jaxinfer.model as model
+
+    original = model.paged_attention
+    model.paged_attention = lambda q, kv, *args, **kwargs: q
+    try:
+        yield
+    finally:
+        model.paged_attention = original
+
+
+def fused_gate_up_mlp():
+    """An MLP module with one ``gate_up_proj`` (gate's output columns, then up's)."""
+    import flax.linen as nn
+    import jax.numpy as jnp
+
+    from jaxinfer.model import Linear
+
+    class FusedGateUpMLP(nn.Module):
+        config: object
+        dtype: object = jnp.float32
+
+        @nn.compact
+        def __call__(self, x):
+            c = self.config
+            gate_up = Linear(2 * c.intermediate_size, ("embed", "mlp"), False, self.dtype, None, name="gate_up_proj")(x)
+            gate, up = jnp.split(gate_up, 2, axis=-1)
+            return Linear(c.hidden_size, ("mlp", "embed"), False, self.dtype, None, name="down_proj")(nn.silu(gate) * up)
+
+    return FusedGateUpMLP
+
+
+def fuse_gate_up_params(params, num_layers: int):
+    import jax.numpy as jnp
+
+    out = dict(params)
+    for i in range(num_layers):
+        mlp = dict(params[f"layers_{i}"]["mlp"])
+        gate, up = mlp.pop("gate_proj"), mlp.pop("up_proj")
+        mlp["gate_up_proj"] = {"kernel": jnp.concatenate([gate["kernel"], up["kernel"]], axis=-1)}
+        out[f"layers_{i}"] = {**params[f"layers_{i}"], "mlp": mlp}
+    return out
+
+
+@contextlib.contextmanager
+def gate_up_module() -> Iterator[None]:
+    import jaxinfer.model as model
+
+    original = model.MLP
+    model.MLP = fused_gate_up_mlp()
+    try:
+        yield
+    finally:
+        model.MLP = original
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--batches", default="1,16,32", help="decode batch sizes, comma-separated (default 1,16,32)")
+    ap.add_argument("--prompt-tokens", type=int, default=128)
+    ap.add_argument("--decode-tokens", type=int, default=48)
+    ap.add_argument("--repeats", type=int, default=3, help="runs of each engine per batch size, alternating")
+    ap.add_argument("--write-results", action="store_true", help="append a dated section to benchmarks/RESULTS.md")
+    args = ap.parse_args()
+    batches = [int(b) for b in args.batches.split(",")]
+    load_before = load_average()
+
+    import jax.numpy as jnp
+
+    from converters.convert import embedded_model_path
+    from converters.loader import load_model
+    from jaxinfer.llm import build_engine
+    from jaxinfer.model_runner import ModelRunner
+
+    loaded = load_model(embedded_model_path(progress=False), jnp.float32, progress=False)
+    if loaded.config.weight_quant is not None or loaded.config.mlp_bias:
+        raise SystemExit("the gate/up variant expects float MLP weights without biases")
+    prompt = prompt_ids(loaded.tokenizer, args.prompt_tokens)
+    options = {"max_batch_size": max(batches), "session_len": args.prompt_tokens + args.decode_tokens + 64}
+    variants = {
+        "engine": (loaded.params, contextlib.nullcontext),
+        "no attention": (loaded.params, no_attention),
+        "gate/up fused": (fuse_gate_up_params(loaded.params, loaded.config.num_layers), gate_up_module),
+    }
+    engines = {}
+    for name, (params, swap) in variants.items():
+        engine = build_engine(loaded, warmup=name == "engine", progress=False, **options)
+        if name != "engine":
+            r = engine.runner  # same buckets and pages, the variant's model
+            with swap():
+                engine.runner = ModelRunner(loaded.config, params, loaded.dtype, r.buckets, r.cache.num_pages, 0)
+                engine.runner.warmup(progress=False)
+        engines[name] = engine
+
+    rows = ["| batch | engine ms/step | no attention ms/step | attention's share | gate/up fused ms/step "
+            "| engine / gate/up fused | gate/up tokens equal |", "|---:|---:|---:|---:|---:|---:|---|"]
+    for batch in batches:
+        steps = {name: [] for name in engines}
+        tokens = {name: [] for name in engines}
+        for _ in range(args.repeats):
+            for name, engine in engines.items():
+                s, t = decode_steps(engine, prompt, batch, args.decode_tokens)
+                steps[name] += s
+                tokens[name] += t
+        med = {name: statistics.median(s) * 1e3 for name, s in steps.items()}
+        share = (med["engine"] - med["no attention"]) / med["engine"]
+        same = "yes" if tokens["engine"] == tokens["gate/up fused"] else "**no**"
+        rows.append(f"| {batch} | {med['engine']:.1f} | {med['no attention']:.1f} | {share:.0%} | "
+                    f"{med['gate/up fused']:.1f} | {med['engine'] / med['gate/up fused']:.2f}x | {same} |")
+        print(rows[-1], flush=True)
+    notes = [
+        (f"- SmolLM2-135M fp32 (embedded GGUF dequantized), {args.prompt_tokens}-token prompt, "
+         f"{args.decode_tokens} greedy tokens per request (context {args.prompt_tokens}-"
+         f"{args.prompt_tokens + args.decode_tokens}), {args.repeats} repeats per engine alternating; median over "
+         "all pure decode steps. attention's share = (engine - no attention) / engine."),
+        f"- Load: before `{load_before}`; after `{load_average()}`.",
+    ]
+    publish("Decode step breakdown: attention's share, gate/up fusion, SmolLM2-135M fp32", rows, notes,
+            write=args.write_results)
+
+
+if __name__ == "__main__":
+    main()
