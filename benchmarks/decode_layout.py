@@ -79,6 +79,20 @@ def decode_steps(engine, prompt: list[int], batch: int, tokens: int) -> tuple[li
     return steps, finished
 
 
+def alternate(engines: dict, prompt: list[int], batch: int, tokens: int, repeats: int
+              ) -> tuple[dict[str, float], dict[str, list[list[int]]]]:
+    """Per engine: median ms per pure decode step and the tokens of every finished request, over
+    ``repeats`` rounds in which the engines take turns (so a noisy machine hits them alike)."""
+    steps = {name: [] for name in engines}
+    finished = {name: [] for name in engines}
+    for _ in range(repeats):
+        for name, engine in engines.items():
+            s, t = decode_steps(engine, prompt, batch, tokens)
+            steps[name] += s
+            finished[name] += t
+    return {name: statistics.median(s) * 1e3 for name, s in steps.items()}, finished
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--batches", default="1,16", help="decode batch sizes, comma-separated (default 1,16)")
@@ -111,14 +125,7 @@ def main() -> None:
     rows = ["| batch | separate q/k/v ms/step | fused ms/step | separate / fused | tokens equal |",
             "|---:|---:|---:|---:|---|"]
     for batch in batches:
-        steps = {name: [] for name in engines}
-        tokens = {name: [] for name in engines}
-        for _ in range(args.repeats):
-            for name, engine in engines.items():
-                s, t = decode_steps(engine, prompt, batch, args.decode_tokens)
-                steps[name] += s
-                tokens[name] += t
-        med = {name: statistics.median(s) * 1e3 for name, s in steps.items()}
+        med, tokens = alternate(engines, prompt, batch, args.decode_tokens, args.repeats)
         same = "yes" if tokens["separate"] == tokens["fused"] else "**no**"
         rows.append(f"| {batch} | {med['separate']:.2f} | {med['fused']:.2f} | "
                     f"{med['separate'] / med['fused']:.2f}x | {same} |")

@@ -20,17 +20,16 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import statistics
 from collections.abc import Iterator
 
 from decode import prompt_ids
-from decode_layout import decode_steps
+from decode_layout import alternate
 from report import load_average, publish
 
 
 @contextlib.contextmanager
 def no_attention() -> Iterator[None]:
-    import jaxinfer.model as model
+    from jaxinfer import model
 
     original = model.paged_attention
     model.paged_attention = lambda q, kv, *args, **kwargs: q
@@ -75,7 +74,7 @@ def fuse_gate_up_params(params, num_layers: int):
 
 @contextlib.contextmanager
 def gate_up_module() -> Iterator[None]:
-    import jaxinfer.model as model
+    from jaxinfer import model
 
     original = model.MLP
     model.MLP = fused_gate_up_mlp()
@@ -123,17 +122,10 @@ def main() -> None:
                 engine.runner.warmup(progress=False)
         engines[name] = engine
 
-    rows = ["| batch | engine ms/step | no attention ms/step | attention's share | gate/up fused ms/step "
-            "| engine / gate/up fused | gate/up tokens equal |", "|---:|---:|---:|---:|---:|---:|---|"]
+    rows = [("| batch | engine ms/step | no attention ms/step | attention's share | gate/up fused ms/step "
+             "| engine / gate/up fused | gate/up tokens equal |"), "|---:|---:|---:|---:|---:|---:|---|"]
     for batch in batches:
-        steps = {name: [] for name in engines}
-        tokens = {name: [] for name in engines}
-        for _ in range(args.repeats):
-            for name, engine in engines.items():
-                s, t = decode_steps(engine, prompt, batch, args.decode_tokens)
-                steps[name] += s
-                tokens[name] += t
-        med = {name: statistics.median(s) * 1e3 for name, s in steps.items()}
+        med, tokens = alternate(engines, prompt, batch, args.decode_tokens, args.repeats)
         share = (med["engine"] - med["no attention"]) / med["engine"]
         same = "yes" if tokens["engine"] == tokens["gate/up fused"] else "**no**"
         rows.append(f"| {batch} | {med['engine']:.1f} | {med['no attention']:.1f} | {share:.0%} | "
