@@ -238,8 +238,9 @@ def measure_startup(args) -> dict:
                     token=s["token"],
                 )
             result[phase] = entry
-            result[f"cache_after_{phase}_mb"] = _dir_mb(os.path.join(home, "xla_cache")) if os.path.exists(
-                os.path.join(home, "xla_cache")) else 0.0
+            for kind, sub in (("cache", "xla_cache"), ("steps", "exported_steps")):
+                path = os.path.join(home, sub)
+                result[f"{kind}_after_{phase}_mb"] = _dir_mb(path) if os.path.exists(path) else 0.0
             print(f"start-up {phase}: {entry}", flush=True)
     finally:
         shutil.rmtree(home, ignore_errors=True)
@@ -538,10 +539,12 @@ def main() -> None:
             f"{c['imports_s']:.1f}, load weights {c['load_s']:.1f}, engine + warm-up {c['warmup_s']:.1f}, first "
             f"token {c['first_token_s'] * 1e3:.0f} ms; {c['lowerings']} lowerings), **warm {w['total_s']:.1f} s** "
             f"(same home: imports {w['imports_s']:.1f}, load {w['load_s']:.1f}, engine + warm-up {w['warmup_s']:.1f}, "
-            f"first token {w['first_token_s'] * 1e3:.0f} ms; {w['lowerings']} lowerings, executables from the "
-            f"persistent cache). XLA cache: {startup['cache_before_cold_mb']:.1f} MB before the cold start, "
-            f"{startup['cache_after_cold_mb']:.1f} MB after it, {startup['cache_after_warm_mb']:.1f} MB after the "
-            f"warm one. Converting the embedded Q4_1 GGUF into the fresh home (one-time, not in the figures "
+            f"first token {w['first_token_s'] * 1e3:.0f} ms; {w['lowerings']} lowerings, the buckets' traced steps "
+            f"from `exported_steps/`, executables from the persistent cache). XLA cache: "
+            f"{startup['cache_before_cold_mb']:.1f} MB before the cold start, {startup['cache_after_cold_mb']:.1f} MB "
+            f"after it, {startup['cache_after_warm_mb']:.1f} MB after the warm one; saved traced steps "
+            f"{startup['steps_after_cold_mb']:.1f} MB after the cold start, {startup['steps_after_warm_mb']:.1f} MB "
+            f"after the warm one. Converting the embedded Q4_1 GGUF into the fresh home (one-time, not in the figures "
             f"above): {conv['total_s']:.1f} s process start to done."
         ]
     notes.append(f"- Load: before `{load_before}`; after `{load_after}`. Whole run {elapsed / 60:.1f} min.")

@@ -18,6 +18,7 @@ from jaxinfer.compilation import enable_persistent_cache, install_counter
 from jaxinfer.config import ModelConfig
 from jaxinfer.detokenizer import IncrementalDetokenizer
 from jaxinfer.engine_config import EngineConfig
+from jaxinfer.exported_steps import exported_steps_dir
 from jaxinfer.kv_cache import plan_cache
 from jaxinfer.model_runner import ModelRunner
 from jaxinfer.outputs import CompletionOutput, RequestOutput, TokenLogprob
@@ -76,7 +77,8 @@ class LLMEngine:
             model_config.vocab_size,
         )
         self.runner = ModelRunner(
-            model_config, params, dtype, self.buckets, self.cache_plan.num_pages, engine_config.quant_policy
+            model_config, params, dtype, self.buckets, self.cache_plan.num_pages, engine_config.quant_policy,
+            exported_steps=exported_steps_dir(),
         )
         self.block_manager = BlockManager(self.cache_plan.num_pages, page_size, engine_config.enable_prefix_caching)
         self.scheduler = Scheduler(self.block_manager, engine_config.max_batch_size, engine_config.max_prefill_tokens)

@@ -2,7 +2,9 @@
 
 The step is one pure function ``(params, cache, inputs) -> (next tokens, cache)``: embed, all
 layers over the paged cache, logits of each row's last token, sampling. The cache is donated, so
-XLA updates the page pools in place.
+XLA updates the page pools in place. Warm-up compiles it for every shape bucket, from the traced
+programs an earlier start saved when it can (``jaxinfer.exported_steps``); a shape not warmed up
+is traced and compiled by ``jax.jit`` when first run.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from tqdm.auto import tqdm
 
 from jaxinfer.buckets import Buckets, StepArrays, StepRow
 from jaxinfer.config import ModelConfig
+from jaxinfer.exported_steps import can_export, load_or_export
 from jaxinfer.kv_cache import AttentionMetadata, KVCache
 from jaxinfer.model import LlamaModel, fuse_qkv_params
 from jaxinfer.sampler import SampleOutput, SamplingTensors, sample
@@ -31,22 +34,33 @@ def _model_step(model: LlamaModel, params, cache: KVCache, tokens, meta: Attenti
 
 class ModelRunner:
     def __init__(self, config: ModelConfig, params: Any, dtype, buckets: Buckets, num_pages: int, quant_policy: int = 0,
-                 fused_qkv: bool = True):
+                 fused_qkv: bool = True, exported_steps: str | None = None):
         """``params``: the canonical tree. The runner keeps it with q/k/v fused (one larger matmul
-        instead of three small ones) unless ``fused_qkv`` is False."""
+        instead of three small ones) unless ``fused_qkv`` is False. ``exported_steps``: a directory
+        where warm-up loads and saves each bucket's traced step; None traces them in process."""
         self.config = config
         self.params = fuse_qkv_params(params, config) if fused_qkv else params
         self.buckets = buckets
         self.model = LlamaModel(config, dtype, fused_qkv)
-        self.cache = KVCache.allocate(config, num_pages, buckets.page_size, dtype, quant_policy)
+        # Committed to its device, as every step's output cache is: the first step then runs the
+        # program warm-up prepared for it instead of tracing one for an uncommitted cache.
+        self.cache = jax.device_put(KVCache.allocate(config, num_pages, buckets.page_size, dtype, quant_policy),
+                                    jax.devices()[0])
         self._step = jax.jit(functools.partial(_model_step, self.model), donate_argnums=(1,))
+        self._program = (f"model step: {config!r}, {jnp.dtype(dtype)}, fused_qkv={fused_qkv}, "
+                         f"quant_policy={quant_policy}")
+        self._exported_steps = exported_steps
+        self._warm_steps: dict[tuple[int, int], Any] = {}  # bucket shape -> step loaded by warm-up
         self._no_history: dict[int, jax.Array] = {}  # per batch size: the all-padding history
 
     def execute(self, rows: Sequence[StepRow], shape: tuple[int, int]) -> SampleOutput:
         """Run ``rows`` padded to ``shape``; returns host arrays with one entry per row."""
-        a = self.buckets.pad(rows, shape)
-        out, self.cache = self._step(self.params, self.cache, *self._device_inputs(a))
+        out = self._run(shape, self.buckets.pad(rows, shape))
         return jax.tree.map(lambda x: x[: len(rows)], jax.device_get(out))
+
+    def _run(self, shape: tuple[int, int], a: StepArrays) -> SampleOutput:
+        out, self.cache = self._warm_steps.get(shape, self._step)(self.params, self.cache, *self._device_inputs(a))
+        return out
 
     def _device_inputs(self, a: StepArrays):
         meta = AttentionMetadata(
@@ -61,8 +75,14 @@ class ModelRunner:
         return a.tokens, meta, a.logits_indices, SamplingTensors(history=history, **a.sampling)
 
     def warmup(self, progress: bool = True) -> None:
-        """Compile every bucket shape (all-padding rows, which only touch the trash page)."""
+        """Compile every bucket shape and run it once (all-padding rows, which only touch the
+        trash page)."""
         shapes = self.buckets.all_shapes()
         for shape in tqdm(shapes, desc="compiling shape buckets", unit="shape", disable=not progress):
-            out, self.cache = self._step(self.params, self.cache, *self._device_inputs(self.buckets.pad([], shape)))
-            jax.block_until_ready(out)
+            a = self.buckets.pad([], shape)
+            if self._exported_steps is not None and can_export():
+                args = (self.params, self.cache, *self._device_inputs(a))
+                self._warm_steps[shape] = load_or_export(
+                    functools.partial(_model_step, self.model), args, self._program, (1,), self._exported_steps
+                )
+            jax.block_until_ready(self._run(shape, a))
