@@ -198,9 +198,9 @@ class LlamaCppPeer:
 # -- transformers ---------------------------------------------------------------------------------
 
 class TransformersPeer:
-    """``transformers`` greedy batched ``generate`` in float32, weights from the GGUF."""
+    """``transformers`` greedy batched ``generate`` (float32, or ``dtype``), weights from the GGUF."""
 
-    def __init__(self, gguf_path: str, threads: int = 2):
+    def __init__(self, gguf_path: str, threads: int = 2, dtype: str = "float32"):
         import torch
         from transformers import AutoModelForCausalLM
         from transformers.utils import logging as hf_logging
@@ -210,8 +210,9 @@ class TransformersPeer:
         self.torch = torch
         t = time.perf_counter()
         self.model = AutoModelForCausalLM.from_pretrained(
-            os.path.dirname(gguf_path), gguf_file=os.path.basename(gguf_path), dtype=torch.float32
+            os.path.dirname(gguf_path), gguf_file=os.path.basename(gguf_path), dtype=getattr(torch, dtype)
         ).eval()
+        self.dtype = dtype
         self.load_s = time.perf_counter() - t
         self.version = __import__("transformers").__version__
         self.threads = torch.get_num_threads()

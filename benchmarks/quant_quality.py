@@ -29,6 +29,7 @@ from converters.calibration import calibration_tokens, pydoc_text
 from converters.checkpoint import atomic_output_dir, is_converted_dir, write_checkpoint
 from converters.convert import embedded_model_gguf, embedded_model_path
 from converters.loader import load_model
+from jaxinfer.config import activation_dtype
 from jaxinfer.home import jaxinfer_home
 from jaxinfer.kv_cache import KVCache
 from jaxinfer.perplexity import perplexity
@@ -102,13 +103,13 @@ def main() -> None:
         linears = linear_bytes(m.params)
         if dtype is ml_dtypes.bfloat16:
             bf16_linear = linears
-        kv = KVCache.bytes_per_token(m.config, np.float32 if policy else dtype, policy)
+        kv = KVCache.bytes_per_token(m.config, activation_dtype(dtype), policy)
         results.append((name, ppl.value, weights, linears, kv, seconds))
         print(f"{name:55s} ppl {ppl.value:8.4f}  weights {weights / 1e6:7.1f} MB  linears {linears / 1e6:7.1f} MB  "
               f"KV {kv} B/token  ({seconds:.0f} s)", flush=True)
 
-    # The 30% bound compares like with like: the AWQ model's linears in the same activation dtype as
-    # the bfloat16 row (its scales and biases are stored in the activation dtype).
+    # The 30% bound compares like with like: the AWQ model loaded in bfloat16 too, so that its scales
+    # and biases are stored in bfloat16 as the bfloat16 row's weights are.
     awq_bf16_linear = linear_bytes(load_model(awq_dir, ml_dtypes.bfloat16, progress=False).params)
     by_name = {r[0]: r for r in results}
     f32 = by_name["float32"][1]
@@ -119,7 +120,7 @@ def main() -> None:
         (f"AWQ perplexity ({awq[1]:.4f}) lower than RTN's ({rtn:.4f})", awq[1] < rtn),
         (f"KV int8 perplexity within 1% of float32: {kv8:.4f} vs {f32:.4f} ({(kv8 / f32 - 1) * 100:+.2f}%)",
          abs(kv8 / f32 - 1) <= 0.01),
-        (f"AWQ int4 g128 linear weights at most 30% of bfloat16's (both with bfloat16 activations): "
+        (f"AWQ int4 g128 linear weights at most 30% of bfloat16's (scales and biases in bfloat16): "
          f"{awq_bf16_linear / 1e6:.1f} / {bf16_linear / 1e6:.1f} MB = {awq_bf16_linear / bf16_linear * 100:.1f}% "
          f"(with the float32 scales and biases of CPU: {awq[3] / bf16_linear * 100:.1f}%)",
          awq_bf16_linear <= 0.3 * bf16_linear),
@@ -140,6 +141,9 @@ def main() -> None:
         f"- AWQ: `--search-scale`, calibration {args.calib_samples} x {args.calib_seqlen} tokens of the calibration "
         f"part (LMDeploy's defaults are 128 x 2048; this CPU run uses fewer). GGUF Q4_1 direct: the file's own "
         f"codes, scales and minimums (`--keep-quantized`), bit-exact to the `gguf` package's dequantization."),
+        f"- bfloat16: every weight rounded to bfloat16; activations and the KV cache are "
+        f"{jax.numpy.dtype(activation_dtype(ml_dtypes.bfloat16)).name} on this backend "
+        f"({jax.default_backend()}; `jaxinfer.config.activation_dtype`).",
         f"- Load: before `{load_before}`; after `{load_average()}`. Whole run {(time.perf_counter() - t_start) / 60:.1f} min.",
     ]
     publish("Quantization quality and memory, SmolLM2-135M-Instruct", table, notes, write=args.write_results)

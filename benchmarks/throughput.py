@@ -21,6 +21,9 @@ Engines:
     subprocess first checks that llama.cpp's default buffer types survive a prompt (on an AMX CPU
     its AMX matmul crashes on prompts; ``peers.default_buffers_work``); if not, that file runs
     without them, plus once with them and ``n_batch=1`` (prompt fed token by token).
+  - with ``--bf16``, two more: ``jaxinfer bf16``, the same engine on the weights rounded to bfloat16
+    (on CPU activations and KV cache stay float32; matmuls take bfloat16 inputs and accumulate in
+    float32), and ``transformers bf16`` (torch in bfloat16 throughout).
 
 Figures per (engine, batch), each the median over ``--repeats`` repeats:
   - first-token latency: time from submission to a request's first token; median (and max) over
@@ -39,6 +42,7 @@ same home again); converting the embedded model into that home is timed separate
 
     .venv/bin/python benchmarks/throughput.py --batches 1,2 --input-len 32 --output-len 16 --repeats 1
     .venv/bin/python benchmarks/throughput.py --startup --write-results   # full run, plot, RESULTS.md
+    .venv/bin/python benchmarks/throughput.py --bf16 --skip-llamacpp --write-results   # bfloat16 weights too
 """
 
 from __future__ import annotations
@@ -130,15 +134,18 @@ def engine_options(args) -> dict:
 
 
 class JaxSide:
-    def __init__(self, args):
+    def __init__(self, args, dtype: str = "float32"):
         import jax
+        import ml_dtypes
 
         from converters.convert import embedded_model_path
         from converters.loader import load_model
         from jaxinfer.llm import LLM
 
         t = time.perf_counter()
-        self.loaded = load_model(embedded_model_path(progress=False), np.float32, progress=False)
+        self.dtype = dtype
+        np_dtype = ml_dtypes.bfloat16 if dtype == "bfloat16" else np.float32
+        self.loaded = load_model(embedded_model_path(progress=False), np_dtype, progress=False)
         self.load_s = time.perf_counter() - t
         self.options = engine_options(args)
         t = time.perf_counter()
@@ -266,7 +273,8 @@ def plot(path: str, rows: list[dict], batches: list[int], title: str) -> None:
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.4))
     styles = {"jaxinfer": ("tab:blue", "o", "-"), "transformers": ("tab:orange", "s", "-"),
               "llama.cpp Q4_1": ("tab:green", "^", ""), "llama.cpp Q4_1 AMX n_batch 1": ("tab:olive", "D", ""),
-              "llama.cpp F32": ("tab:red", "v", "")}
+              "llama.cpp F32": ("tab:red", "v", ""), "jaxinfer bf16": ("tab:blue", "o", "--"),
+              "transformers bf16": ("tab:orange", "s", "--")}
     for ax, key, label in ((axes[0], "total", "output tokens/s (total)"),
                            (axes[1], "decode_agg", "decode tokens/s (aggregate)")):
         for name, (color, marker, line) in styles.items():
@@ -301,6 +309,8 @@ def main() -> None:
     ap.add_argument("--skip-llamacpp", action="store_true", help="do not run llama.cpp")
     ap.add_argument("--skip-transformers", action="store_true", help="do not run transformers")
     ap.add_argument("--startup", action="store_true", help="also measure cold and warm start-up (subprocesses)")
+    ap.add_argument("--bf16", action="store_true", help="also run jaxinfer with bfloat16 weights (float32 "
+                    "activations, the CPU's bfloat16 mode) and transformers in bfloat16")
     ap.add_argument("--torch-threads", type=int, default=2, help="torch.set_num_threads (default 2)")
     ap.add_argument("--llama-threads", type=int, default=2, help="llama.cpp n_threads (default 2)")
     ap.add_argument("--plot", default=None, help=f"write the plot here (default with --write-results: "
@@ -332,16 +342,25 @@ def main() -> None:
         f"warmed up in {jx.warmup_s:.1f} s; {jx.engine.cache_plan.explanation}",
         flush=True,
     )
+    jx_bf16 = None
+    if args.bf16:
+        jx_bf16 = JaxSide(args, "bfloat16")
+        print(f"jaxinfer bf16: loaded in {jx_bf16.load_s:.1f} s, warmed up in {jx_bf16.warmup_s:.1f} s; "
+              f"{jx_bf16.engine.cache_plan.explanation}", flush=True)
     prompts = prompt_windows(jx.tokenizer, b_max, n_in)
 
     from converters.convert import embedded_model_gguf
 
     q4_path = embedded_model_gguf()
-    th = None
+    transformers_peers: dict[str, peers.TransformersPeer] = {}
     if not args.skip_transformers:
-        th = peers.TransformersPeer(q4_path, threads=args.torch_threads)
-        print(f"transformers {th.version}: loaded the GGUF in {th.load_s:.1f} s ({th.threads} threads, "
-              f"attention {th.attention})", flush=True)
+        for name, dtype in (("transformers", "float32"), ("transformers bf16", "bfloat16")):
+            if dtype == "float32" or args.bf16:
+                th = transformers_peers[name] = peers.TransformersPeer(q4_path, args.torch_threads, dtype)
+                print(f"{name} {th.version}: loaded the GGUF in {th.load_s:.1f} s ({th.threads} threads, "
+                      f"attention {th.attention}, {dtype})", flush=True)
+    th = transformers_peers.get("transformers")
+    jaxinfers = {"jaxinfer": jx, **({"jaxinfer bf16": jx_bf16} if jx_bf16 else {})}
     llamas: dict[str, peers.LlamaCppPeer] = {}
     f32_note = ""
     llama_notes: list[str] = []
@@ -373,10 +392,11 @@ def main() -> None:
 
     # Untimed warm-up of exactly the timed paths.
     for b in args.batch_list:
-        jx.run(prompts[:b], min(n_out, 4))
-    if th is not None:
-        th.run(prompts[:1], 4)
-        th.run(prompts[:b_max], 2)
+        for side in jaxinfers.values():
+            side.run(prompts[:b], min(n_out, 4))
+    for peer in transformers_peers.values():
+        peer.run(prompts[:1], 4)
+        peer.run(prompts[:b_max], 2)
     for peer in llamas.values():
         peer.run(prompts[0], 4)
     gc.collect()
@@ -397,9 +417,10 @@ def main() -> None:
     for r in range(args.repeats):
         print(f"repeat {r + 1}/{args.repeats}", flush=True)
         for b in args.batch_list:
-            record("jaxinfer", b, jx.run(prompts[:b], n_out))
-            if th is not None:
-                record("transformers", b, th.run(prompts[:b], n_out))
+            for name, side in jaxinfers.items():
+                record(name, b, side.run(prompts[:b], n_out))
+            for name, peer in transformers_peers.items():
+                record(name, b, peer.run(prompts[:b], n_out))
         for name, peer in llamas.items():
             record(name, 1, peer.run(prompts[0], n_out))
     load_after = load_average()
@@ -408,8 +429,9 @@ def main() -> None:
         peer.close()
 
     # -- table ------------------------------------------------------------------------------------
-    order = ["jaxinfer", "transformers", *llamas]
-    weights = {"jaxinfer": "fp32", "transformers": "fp32", **{n: n.split()[1] for n in llamas}}
+    order = [*jaxinfers, *transformers_peers, *llamas]
+    weights = {"jaxinfer": "fp32", "transformers": "fp32", "jaxinfer bf16": "bf16 (fp32 activations)",
+               "transformers bf16": "bf16", **{n: n.split()[1] for n in llamas}}
     rows = []
     for b in args.batch_list:
         for name in order:
@@ -442,6 +464,15 @@ def main() -> None:
             )
     if ratio_parts:
         notes.append("- jaxinfer / transformers: " + "; ".join(ratio_parts) + ".")
+    for other in ("jaxinfer", "transformers", "transformers bf16"):
+        parts = []
+        for b in args.batch_list:
+            jb, o = by.get(("jaxinfer bf16", b)), by.get((other, b))
+            if jb and o:
+                parts.append(f"batch {b}: total {jb['total'] / o['total']:.2f}x, decode aggregate "
+                             f"{jb['decode_agg'] / o['decode_agg']:.2f}x")
+        if parts:
+            notes.append(f"- jaxinfer bf16 / {other}: " + "; ".join(parts) + ".")
     j1 = by.get(("jaxinfer", 1))
     for name in sorted(llamas, key=lambda n: ("F32" not in n, n)):
         lr = by.get((name, 1))
@@ -462,6 +493,13 @@ def main() -> None:
         )
     else:
         goals.append("- Goal 1, batch 32 output tok/s >= 3x transformers: not measured in this run.")
+    jb32 = by.get(("jaxinfer bf16", 32))
+    if jb32 and t32:
+        ratio = jb32["total"] / t32["total"]
+        goals.append(
+            f"- Goal 1 with jaxinfer's bfloat16 weights (transformers still float32, as the goal states it): "
+            f"{jb32['total']:.1f} vs {t32['total']:.1f} = {ratio:.2f}x: **{'MET' if ratio >= 3 else 'NOT MET'}**."
+        )
     lf = by.get(("llama.cpp F32", 1))
     if j1 and lf:
         ratio = j1["decode_req"] / lf["decode_req"]
@@ -485,13 +523,18 @@ def main() -> None:
         f"{agree(q4t[0], f32t[0])}/{n_out}." if q4t and f32t else ""
     )
     batch_inv = []
-    for b in args.batch_list:
-        if b > 1 and jt1 and ("jaxinfer", b) in last_tokens:
-            batch_inv.append(f"batch {b} {agree(jt1[0], last_tokens[('jaxinfer', b)][0])}/{n_out}")
+    for name in jaxinfers:
+        first = last_tokens.get((name, 1))
+        for b in args.batch_list:
+            if b > 1 and first and (name, b) in last_tokens:
+                batch_inv.append(f"{name} batch {b} {agree(first[0], last_tokens[(name, b)][0])}/{n_out}")
+    jb1 = last_tokens.get(("jaxinfer bf16", 1))
+    if jt1 and jb1:
+        agreement.append(f"jaxinfer bf16 {agree(jt1[0], jb1[0])}/{n_out}")
     notes.append(
         f"- Greedy tokens of request 0 at batch 1, jaxinfer vs: {', '.join(agreement) or '-'} (common prefix)."
         + same_weights
-        + (f" jaxinfer request 0 at larger batches vs batch 1: {', '.join(batch_inv)}." if batch_inv else "")
+        + (f" Request 0 at larger batches vs batch 1: {', '.join(batch_inv)}." if batch_inv else "")
     )
     notes.append(
         f"- Workload: batches {args.batches}; {n_in} prompt tokens (different windows of `pydoc_data.topics` "
@@ -503,10 +546,13 @@ def main() -> None:
         f"max_prefill_tokens {jx.engine.config.max_prefill_tokens}, page {jx.engine.config.cache_block_seq_len}); "
         f"shape buckets {jx.engine.buckets.all_shapes()} compiled before timing (load {jx.load_s:.1f} s, "
         f"engine + warm-up {jx.warmup_s:.1f} s in this process, XLA cache possibly warm)."
+        + (" jaxinfer bf16: the same engine on the weights rounded to bfloat16 (`--dtype bfloat16`); activations "
+           "and KV cache stay float32, each matmul rounds its input rows to bfloat16 and accumulates in float32."
+           if jx_bf16 else "")
     )
-    if th is not None:
+    for th in transformers_peers.values():
         notes.append(
-            f"- transformers {th.version}: torch float32, `torch.set_num_threads({args.torch_threads})` "
+            f"- transformers {th.version}: torch {th.dtype}, `torch.set_num_threads({args.torch_threads})` "
             f"({th.threads} threads), attention `{th.attention}`, one `generate(do_sample=False, "
             f"min_new_tokens=max_new_tokens={n_out})` per batch; weights from the Q4_1 GGUF dequantized by "
             f"transformers."
@@ -549,14 +595,15 @@ def main() -> None:
         ]
     notes.append(f"- Load: before `{load_before}`; after `{load_after}`. Whole run {elapsed / 60:.1f} min.")
 
-    title = (f"SmolLM2-135M fp32, {n_in} in / {n_out} out, median of {args.repeats} "
+    precision = "fp32 and bf16" if args.bf16 else "fp32"
+    title = (f"SmolLM2-135M {precision}, {n_in} in / {n_out} out, median of {args.repeats} "
              f"({time.strftime('%Y-%m-%d', time.gmtime())}, 2-core CPU, shared)")
     plot_note = []
     if args.plot:
         plot(args.plot, rows, args.batch_list, title)
         plot_note = [f"- Plot: {plot_reference(args.plot)} (output tok/s total and decode tok/s aggregate against "
                      "batch size; llama.cpp at batch 1 only)."]
-    publish("Throughput, static batches, SmolLM2-135M fp32: jaxinfer vs transformers vs llama.cpp",
+    publish(f"Throughput, static batches, SmolLM2-135M {precision}: jaxinfer vs transformers vs llama.cpp",
             table, goals + notes + startup_lines + plot_note, write=args.write_results)
 
 

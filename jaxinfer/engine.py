@@ -15,7 +15,7 @@ from typing import Any, Sequence as Seq
 from jaxinfer.block_manager import BlockManager
 from jaxinfer.buckets import MAX_EOS_IDS, Buckets, StepRow
 from jaxinfer.compilation import enable_persistent_cache, install_counter
-from jaxinfer.config import ModelConfig
+from jaxinfer.config import ModelConfig, activation_dtype
 from jaxinfer.detokenizer import IncrementalDetokenizer
 from jaxinfer.engine_config import EngineConfig
 from jaxinfer.exported_steps import exported_steps_dir
@@ -68,7 +68,7 @@ class LLMEngine:
         enable_persistent_cache()
         page_size = engine_config.cache_block_seq_len
         self.cache_plan = plan_cache(
-            model_config, dtype, page_size, engine_config.cache_max_entry_count,
+            model_config, activation_dtype(dtype), page_size, engine_config.cache_max_entry_count,
             self.session_len, engine_config.max_batch_size, engine_config.quant_policy,
         )
         logger.info(self.cache_plan.explanation)

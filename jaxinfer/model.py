@@ -19,6 +19,7 @@ models' q/k/v projections are under it, while the fused one is not (``benchmarks
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import flax.linen as nn
@@ -39,6 +40,30 @@ def _param(module: nn.Module, name: str, shape, axes, dtype, init=nn.initializer
     return module.param(name, nn.with_logical_partitioning(init, axes), shape, dtype)
 
 
+# XLA:CPU runs a bfloat16 dot with float32 accumulation on AMX from 3 rows up, at 1.5-3x float32's
+# speed; on 1-2 rows it takes another path, ~4x slower than float32, whose results differ from the
+# same rows' inside a larger dot (benchmarks/cpu_limits.py). Padding to 4 rows keeps both speed and
+# batch invariance.
+MIN_NARROW_DOT_ROWS = 4
+
+
+def _dot(x: jax.Array, w: jax.Array, w_in_axis: int) -> jax.Array:
+    """``x [..., in]`` contracted with ``w``'s axis ``w_in_axis`` -> ``[..., out]`` in x's dtype.
+
+    A ``w`` stored in a narrower float than ``x`` (bfloat16 weights under float32 activations, the
+    CPU's bfloat16 mode) is multiplied as llama.cpp multiplies its BF16 tensors: ``x`` rounded to
+    ``w``'s dtype, products accumulated in x's dtype."""
+    if w.dtype == x.dtype:
+        return jax.lax.dot_general(x, w, (((x.ndim - 1,), (w_in_axis,)), ((), ())))
+    lead = x.shape[:-1]
+    rows = math.prod(lead)
+    flat = x.reshape(rows, x.shape[-1]).astype(w.dtype)
+    if rows < MIN_NARROW_DOT_ROWS:
+        flat = jnp.pad(flat, ((0, MIN_NARROW_DOT_ROWS - rows), (0, 0)))
+    y = jax.lax.dot_general(flat, w, (((1,), (w_in_axis,)), ((), ())), preferred_element_type=x.dtype)
+    return y[:rows].reshape(*lead, y.shape[-1])
+
+
 class Linear(nn.Module):
     """``y = x @ W (+ bias)`` with ``W`` ``[in, out]`` named by ``axes``: a float ``kernel``, or with
     ``quant`` set, ``qweight``/``scales``/``biases`` in the packed format of
@@ -55,7 +80,7 @@ class Linear(nn.Module):
         n_in = x.shape[-1]
         if self.quant is None:
             kernel = _param(self, "kernel", (n_in, self.features), self.axes, self.dtype)
-            y = jnp.einsum("...i,io->...o", x, kernel)
+            y = _dot(x, kernel, 0)
         else:
             q = self.quant
             rows = padded_rows(n_in, q.group_size)
@@ -169,7 +194,11 @@ class DecoderLayer(nn.Module):
 
 
 class LlamaModel(nn.Module):
-    """Token ids in, hidden states and the updated cache out; ``logits`` maps hidden states to vocab."""
+    """Token ids in, hidden states and the updated cache out; ``logits`` maps hidden states to vocab.
+
+    ``dtype`` is the activations' (and the KV cache's). The parameters given to ``apply`` may be
+    stored in a narrower float (``config.activation_dtype``): the embedding rows are widened and
+    matmuls take ``_dot``'s mixed path."""
 
     config: ModelConfig
     dtype: Dtype = jnp.float32
@@ -185,7 +214,7 @@ class LlamaModel(nn.Module):
 
     def __call__(self, tokens: jax.Array, meta: AttentionMetadata, cache: KVCache):
         """tokens ``[batch, seq]`` -> (hidden ``[batch, seq, embed]`` after the final norm, cache)."""
-        x = self.embed_tokens.at[tokens].get(mode="promise_in_bounds")  # ids are checked on admission
+        x = self.embed_tokens.at[tokens].get(mode="promise_in_bounds").astype(self.dtype)  # ids checked on admission
         updated = []
         for layer, layer_cache in zip(self.layers, cache.layers):
             x, layer_cache = layer(x, layer_cache, meta)
@@ -196,9 +225,7 @@ class LlamaModel(nn.Module):
         """hidden ``[..., embed]`` -> float32 logits ``[..., vocab]``."""
         if self.config.tie_word_embeddings:
             # Contract against the [vocab, embed] table directly: 2x faster than using its transpose.
-            out = jax.lax.dot_general(
-                hidden, self.embed_tokens, (((hidden.ndim - 1,), (1,)), ((), ()))
-            )
+            out = _dot(hidden, self.embed_tokens, 1)
         else:
             out = self.lm_head(hidden)
         return out.astype(jnp.float32)

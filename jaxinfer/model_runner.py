@@ -17,7 +17,7 @@ import jax.numpy as jnp
 from tqdm.auto import tqdm
 
 from jaxinfer.buckets import Buckets, StepArrays, StepRow
-from jaxinfer.config import ModelConfig
+from jaxinfer.config import ModelConfig, activation_dtype
 from jaxinfer.exported_steps import can_export, load_or_export
 from jaxinfer.kv_cache import AttentionMetadata, KVCache
 from jaxinfer.model import LlamaModel, fuse_qkv_params
@@ -37,18 +37,20 @@ class ModelRunner:
                  fused_qkv: bool = True, exported_steps: str | None = None):
         """``params``: the canonical tree. The runner keeps it with q/k/v fused (one larger matmul
         instead of three small ones) unless ``fused_qkv`` is False. ``exported_steps``: a directory
-        where warm-up loads and saves each bucket's traced step; None traces them in process."""
+        where warm-up loads and saves each bucket's traced step; None traces them in process.
+        ``dtype``: the weights' (``activation_dtype`` gives the activations' and the cache's)."""
         self.config = config
         self.params = fuse_qkv_params(params, config) if fused_qkv else params
         self.buckets = buckets
-        self.model = LlamaModel(config, dtype, fused_qkv)
+        act = activation_dtype(dtype)
+        self.model = LlamaModel(config, act, fused_qkv)
         # Committed to its device, as every step's output cache is: the first step then runs the
         # program warm-up prepared for it instead of tracing one for an uncommitted cache.
-        self.cache = jax.device_put(KVCache.allocate(config, num_pages, buckets.page_size, dtype, quant_policy),
+        self.cache = jax.device_put(KVCache.allocate(config, num_pages, buckets.page_size, act, quant_policy),
                                     jax.devices()[0])
         self._step = jax.jit(functools.partial(_model_step, self.model), donate_argnums=(1,))
-        self._program = (f"model step: {config!r}, {jnp.dtype(dtype)}, fused_qkv={fused_qkv}, "
-                         f"quant_policy={quant_policy}")
+        self._program = (f"model step: {config!r}, {jnp.dtype(dtype)} weights, {jnp.dtype(act)} activations, "
+                         f"fused_qkv={fused_qkv}, quant_policy={quant_policy}")
         self._exported_steps = exported_steps
         self._warm_steps: dict[tuple[int, int], Any] = {}  # bucket shape -> step loaded by warm-up
         self._no_history: dict[int, jax.Array] = {}  # per batch size: the all-padding history

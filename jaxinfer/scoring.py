@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxinfer.config import ModelConfig
+from jaxinfer.config import ModelConfig, activation_dtype
 from jaxinfer.kv_cache import TRASH_PAGE, AttentionMetadata, KVCache
 from jaxinfer.model import LlamaModel, fuse_qkv_params
 
@@ -47,8 +47,9 @@ def sequence_logits(config: ModelConfig, params: Any, sequences: Sequence[Sequen
     for i, s in enumerate(sequences):
         tokens[i, : len(s)] = s
     meta = contiguous_metadata([len(s) for s in sequences], length)
-    cache = KVCache.allocate(config, len(sequences) + 1, length, dtype, quant_policy)
+    act = activation_dtype(dtype)
+    cache = KVCache.allocate(config, len(sequences) + 1, length, act, quant_policy)
     if fused_qkv:
         params = fuse_qkv_params(params, config)
-    logits = np.asarray(_all_logits(LlamaModel(config, dtype, fused_qkv), params, tokens, meta, cache))
+    logits = np.asarray(_all_logits(LlamaModel(config, act, fused_qkv), params, tokens, meta, cache))
     return [logits[i, : len(s)] for i, s in enumerate(sequences)]
