@@ -13,7 +13,8 @@ Servers (``--servers``), each started by this script on a free local port and st
   - ``jaxinfer``: ``jaxinfer serve <the converted embedded SmolLM2-135M-Instruct> --max-batch-size
     <largest C> --session-len <input + output>`` (float32; every shape bucket compiled before it
     listens), started once and kept for every C (it idles without using the CPU while the others
-    run).
+    run). ``jaxinfer-bf16``: the same with ``--dtype bfloat16`` (bfloat16 weights; on CPU float32
+    activations and KV cache).
   - ``llama-f32`` / ``llama-q4_1``: ``llama-server -m <GGUF> --parallel C --cont-batching -c
     C*(input + output + 16) -t 2 -tb 2``, restarted for every C, built once from the llama.cpp
     vendored in the ``llama-cpp-python`` 0.3.36 sdist (``peers.build_llama_server``). F32: the
@@ -23,7 +24,7 @@ Servers (``--servers``), each started by this script on a free local port and st
     request (``--llama-repack auto``) finds out and then runs that file with ``--no-repack``
     (llama.cpp's switch for its extra buffer types: AMX and weight repacking).
 
-At every C the servers run in turn (jaxinfer, llama-f32, llama-q4_1), so a change in the load of
+At every C the servers run in turn (jaxinfer, jaxinfer-bf16, llama-f32, llama-q4_1), so a change in the load of
 this shared machine hits them all. Each server first gets an untimed warm-up round of C requests
 of 4 tokens.
 
@@ -37,7 +38,7 @@ Figures per (server, C), over the requests of the run (vLLM's definitions):
   median / p90 / p99 of TTFT, TPOT, ITL; median of E2E.
 
 Goal (issue "Server", item 6): at 16 concurrent requests, jaxinfer's output tok/s at least 1.5x
-llama-server's (F32 and Q4_1), measured side by side.
+llama-server's (F32 and Q4_1), measured side by side; reported for both jaxinfer servers.
 
     .venv/bin/python benchmarks/serving.py --concurrency 1,2 --num-prompts 4 --output-len 16
     .venv/bin/python benchmarks/serving.py --write-results   # full run, plot, RESULTS.md
@@ -69,8 +70,10 @@ from report import REPO, load_average, plot_reference, publish  # noqa: E402
 import peers  # noqa: E402
 
 DEFAULT_PLOT = os.path.join(HERE, "serving.png")
-SERVERS = ("jaxinfer", "llama-f32", "llama-q4_1")
-LABELS = {"jaxinfer": "jaxinfer (fp32)", "llama-f32": "llama-server F32", "llama-q4_1": "llama-server Q4_1"}
+SERVERS = ("jaxinfer", "jaxinfer-bf16", "llama-f32", "llama-q4_1")
+LABELS = {"jaxinfer": "jaxinfer (fp32)", "jaxinfer-bf16": "jaxinfer (bf16 weights)", "llama-f32": "llama-server F32",
+          "llama-q4_1": "llama-server Q4_1"}
+JAXINFER_FLAGS = {"jaxinfer": [], "jaxinfer-bf16": ["--dtype", "bfloat16"]}
 GOAL_CONCURRENCY = 16
 GOAL_RATIO = 1.5
 WARMUP_TOKENS = 4
@@ -173,7 +176,7 @@ class ServerProcess:
             return ""
 
 
-def jaxinfer_command(model_dir: str, port: int, args) -> list[str]:
+def jaxinfer_command(model_dir: str, port: int, args, flags: list[str]) -> list[str]:
     exe = os.path.join(os.path.dirname(sys.executable), "jaxinfer")
     base = [exe] if os.path.exists(exe) else [sys.executable, "-m", "jaxinfer.cli.main"]
     return [
@@ -181,7 +184,7 @@ def jaxinfer_command(model_dir: str, port: int, args) -> list[str]:
         "--max-batch-size", str(max(args.concurrency_list)),
         "--session-len", str(args.input_len + args.output_len),
         "--max-concurrent-requests", str(max(64, max(args.concurrency_list))),
-        *args.jaxinfer_args.split(),
+        *flags, *args.jaxinfer_args.split(),
     ]
 
 
@@ -372,7 +375,8 @@ def plot(path: str, rows: list[dict], servers: list[str], concurrency: list[int]
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    styles = {"jaxinfer": ("tab:blue", "o"), "llama-f32": ("tab:red", "v"), "llama-q4_1": ("tab:green", "^")}
+    styles = {"jaxinfer": ("tab:blue", "o"), "jaxinfer-bf16": ("tab:cyan", "s"), "llama-f32": ("tab:red", "v"),
+              "llama-q4_1": ("tab:green", "^")}
     fig, axes = plt.subplots(2, 2, figsize=(11, 8))
     panels = (
         (axes[0][0], "out_tok_s", "output tokens/s (total)", False),
@@ -676,8 +680,8 @@ def main() -> None:
     commands: dict[str, str] = {}
     start_times: dict[str, list[float]] = {}
     anomalies: list[str] = []
-    jax_srv: ServerProcess | None = None
-    jax_statuses = ""
+    jax_servers: dict[str, ServerProcess] = {}
+    jax_statuses: dict[str, str] = {}
     current: ServerProcess | None = None
 
     def on_signal(signum, frame):
@@ -685,21 +689,22 @@ def main() -> None:
 
     signal.signal(signal.SIGTERM, on_signal)
     try:
-        if "jaxinfer" in servers:
+        for name in (n for n in servers if n in JAXINFER_FLAGS):
             port = free_port()
-            jax_srv = ServerProcess("jaxinfer", jaxinfer_command(model_dir, port, args), port,
-                                    os.path.join(log_dir, "jaxinfer.log"))
-            print(f"starting jaxinfer: {' '.join(jax_srv.cmd)}", flush=True)
+            jax_srv = jax_servers[name] = ServerProcess(
+                name, jaxinfer_command(model_dir, port, args, JAXINFER_FLAGS[name]), port,
+                os.path.join(log_dir, f"{name}.log"))
+            print(f"starting {name}: {' '.join(jax_srv.cmd)}", flush=True)
             jax_srv.start(args.start_timeout)
-            commands["jaxinfer"] = " ".join(["jaxinfer", *jax_srv.cmd[jax_srv.cmd.index("serve"):]]).replace(
+            commands[name] = " ".join(["jaxinfer", *jax_srv.cmd[jax_srv.cmd.index("serve"):]]).replace(
                 f"--port {port}", "--port P").replace(jaxinfer_home(), "$JAXINFER_HOME")
-            start_times["jaxinfer"] = [jax_srv.start_s]
-            print(f"jaxinfer healthy after {jax_srv.start_s:.1f} s (log {jax_srv.log_path})", flush=True)
+            start_times[name] = [jax_srv.start_s]
+            print(f"{name} healthy after {jax_srv.start_s:.1f} s (log {jax_srv.log_path})", flush=True)
 
         for c in args.concurrency_list:
             for rep in range(args.repeats):
                 for name in servers:
-                    srv = jax_srv if name == "jaxinfer" else None
+                    srv = jax_servers.get(name)
                     if srv is None:
                         parallel = args.llama_parallel or c
                         port = free_port()
@@ -713,17 +718,17 @@ def main() -> None:
                     f = run_level(srv, name, c, rep, warm_prompts[c], level_prompts[(c, rep)], args, anomalies,
                                   spare)
                     runs.setdefault((name, c), []).append(f)
-                    if srv is not jax_srv:
+                    if name not in jax_servers:
                         rc = srv.stop()
                         current = None
                         if rc not in (0, -signal.SIGTERM, None):
                             anomalies.append(f"{name} C={c}: exit status {rc} after SIGTERM")
-        if jax_srv is not None:
-            jax_statuses = jaxinfer_request_statuses(jax_srv.url)
+        for name, jax_srv in jax_servers.items():
+            jax_statuses[name] = jaxinfer_request_statuses(jax_srv.url)
     finally:
         if current is not None:
             current.stop()
-        if jax_srv is not None:
+        for jax_srv in jax_servers.values():
             jax_srv.stop(timeout=60)
     load_after = load_average()
     elapsed = time.perf_counter() - t_start
@@ -755,15 +760,14 @@ def main() -> None:
             )
 
     goals = []
-    jx = by.get(("jaxinfer", GOAL_CONCURRENCY))
-    for peer in ("llama-f32", "llama-q4_1"):
-        p = by.get((peer, GOAL_CONCURRENCY))
+    for ours, peer in ((o, p) for o in JAXINFER_FLAGS for p in ("llama-f32", "llama-q4_1")):
+        jx, p = by.get((ours, GOAL_CONCURRENCY)), by.get((peer, GOAL_CONCURRENCY))
         if jx is None or p is None:
             continue
         ratio = jx["out_tok_s"] / p["out_tok_s"] if p["out_tok_s"] else float("nan")
         met = ratio >= GOAL_RATIO
         goals.append(
-            f"- Goal, C={GOAL_CONCURRENCY} output tok/s >= {GOAL_RATIO}x {LABELS[peer]}: jaxinfer "
+            f"- Goal, C={GOAL_CONCURRENCY} output tok/s >= {GOAL_RATIO}x {LABELS[peer]}: {LABELS[ours]} "
             f"{jx['out_tok_s']:.1f} vs {p['out_tok_s']:.1f} = **{ratio:.2f}x: {'MET' if met else 'NOT MET'}**"
             + ("" if met else f" ({GOAL_RATIO}x would need {GOAL_RATIO * p['out_tok_s']:.1f} tok/s; jaxinfer has "
                               f"{100 * ratio / GOAL_RATIO:.0f}% of that)") + "."
@@ -778,17 +782,17 @@ def main() -> None:
         f"prompts of {args.input_len} tokens (a different window of `pydoc_data.topics` English text for every "
         f"request, sent as token ids), exactly {args.output_len} generated tokens each (`temperature: 0`, "
         f"`ignore_eos: true`, `max_tokens: {args.output_len}`), `POST /v1/completions` with `stream: true` and "
-        f"`stream_options.include_usage`; at every C the servers in turn (jaxinfer, then llama-server F32, then "
-        f"Q4_1), each after an untimed warm-up of C requests of {WARMUP_TOKENS} tokens.",
+        f"`stream_options.include_usage`; at every C the servers in turn ({', '.join(servers)}, in that order), "
+        f"each after an untimed warm-up of C requests of {WARMUP_TOKENS} tokens.",
         "- Figures: output tok/s = completion tokens (server's usage) / wall time from the first request sent to "
         "the last one done; req/s likewise; TTFT = request sent to its first streamed chunk with text; TPOT = "
         "(end-to-end - TTFT) / (tokens - 1) per request; ITL = every gap between consecutive chunks with text; "
         "percentiles over the requests (ITL: over all gaps) of the level.",
     ]
-    if "jaxinfer" in commands:
-        notes.append(f"- jaxinfer: `{commands['jaxinfer']}` (the converted embedded SmolLM2-135M-Instruct, float32; "
-                     f"start to healthy {start_times['jaxinfer'][0]:.0f} s incl. compiling every shape bucket; one "
-                     f"server for all levels). Its /metrics request counts at the end: `{jax_statuses}`.")
+    for name in jax_servers:
+        notes.append(f"- {LABELS[name]}: `{commands[name]}` (the converted embedded SmolLM2-135M-Instruct, float32 "
+                     f"on disk; start to healthy {start_times[name][0]:.0f} s incl. compiling every shape bucket; one "
+                     f"server for all levels). Its /metrics request counts at the end: `{jax_statuses.get(name)}`.")
     if binary:
         notes.append(
             f"- llama-server: llama.cpp vendored in the `llama-cpp-python` {peers.LLAMA_CPP_PYTHON_VERSION} sdist, "
