@@ -1,6 +1,6 @@
 """Where a decode step's time goes: an XLA profile of ``engine.step()``, grouped by op kind.
 
-Runs the embedded SmolLM2-135M-Instruct (float32) with ``--batch`` requests of a
+Runs the embedded SmolLM2-135M-Instruct (float32 weights, or ``--dtype bfloat16``) with ``--batch`` requests of a
 ``--prompt-len``-token prompt decoded together, traces ``--steps`` decode steps with
 ``jax.profiler`` (the trace, viewable in Perfetto or TensorBoard, is kept under
 ``$JAXINFER_HOME/bench/profiles``) and sums the XLA ops' durations per kind: op names without
@@ -24,7 +24,6 @@ import re
 import statistics
 import time
 
-import numpy as np
 from report import load_average, publish
 
 # Host-side and runtime events in the trace (Python frames start with "$"): not XLA ops.
@@ -45,11 +44,13 @@ def main() -> None:
     ap.add_argument("--prompt-len", type=int, default=128)
     ap.add_argument("--steps", type=int, default=10, help="decode steps traced (default 10)")
     ap.add_argument("--top", type=int, default=12, help="op kinds listed (default 12)")
+    ap.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32", help="weight dtype")
     ap.add_argument("--write-results", action="store_true")
     args = ap.parse_args()
     load_before = load_average()
 
     import jax
+    import jax.numpy as jnp
 
     from converters.convert import embedded_model_path
     from converters.loader import load_model
@@ -57,7 +58,7 @@ def main() -> None:
     from jaxinfer.llm import build_engine
     from jaxinfer.sampling_params import SamplingParams
 
-    m = load_model(embedded_model_path(progress=False), np.float32, progress=False)
+    m = load_model(embedded_model_path(progress=False), jnp.dtype(args.dtype), progress=False)
     engine = build_engine(m, progress=False, max_batch_size=args.batch, max_prefill_tokens=args.prompt_len,
                           session_len=args.prompt_len + args.steps + 8)
     params = SamplingParams(temperature=0, max_tokens=args.steps + 6, ignore_eos=True)
@@ -100,7 +101,8 @@ def main() -> None:
         f"- Slowest single op: `{slowest['name']}`, {slowest['dur'] / 1e3:.2f} ms.",
         f"- Load: before `{load_before}`; after `{load_average()}`.",
     ]
-    publish(f"Decode step profile, SmolLM2-135M fp32, batch {args.batch}", rows, notes,
+    precision = "fp32" if args.dtype == "float32" else "bf16 weights"
+    publish(f"Decode step profile, SmolLM2-135M {precision}, batch {args.batch}", rows, notes,
             write=args.write_results)
 
 
