@@ -26,7 +26,7 @@ def default_dtype():
 def activation_dtype(weight_dtype):
     """The dtype of activations and KV cache for weights stored in ``weight_dtype``: the same on
     GPU; float32 on CPU, where XLA's elementwise bfloat16 runs several times slower than float32
-    but its bfloat16 dots (AMX) run faster: bfloat16 weights there meet float32 activations only
+    but its bfloat16 dots run faster: bfloat16 weights there meet float32 activations only
     inside matmuls, as llama.cpp's BF16 tensors do."""
     return jnp.float32 if jax.default_backend() == "cpu" else jnp.dtype(weight_dtype)
 

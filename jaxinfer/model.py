@@ -40,10 +40,10 @@ def _param(module: nn.Module, name: str, shape, axes, dtype, init=nn.initializer
     return module.param(name, nn.with_logical_partitioning(init, axes), shape, dtype)
 
 
-# XLA:CPU runs a bfloat16 dot with float32 accumulation on AMX from 3 rows up, at 1.5-3x float32's
-# speed; on 1-2 rows it takes another path, ~4x slower than float32, whose results differ from the
-# same rows' inside a larger dot (benchmarks/cpu_limits.py). Padding to 4 rows keeps both speed and
-# batch invariance.
+# XLA:CPU runs a bfloat16 dot with float32 accumulation fast from 3 rows up (1.5-2.2x float32's
+# speed at 4-32 rows); on 1-2 rows it takes another path, ~4x slower than float32, whose results
+# differ from the same rows' inside a larger dot (benchmarks/cpu_limits.py). Padding to 4 rows
+# keeps both speed and batch invariance.
 MIN_NARROW_DOT_ROWS = 4
 
 

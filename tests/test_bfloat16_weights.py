@@ -55,7 +55,7 @@ def test_unpadded_one_row_products_differ(operands, monkeypatch):
 
 def test_matches_float32_math_on_rounded_operands(operands):
     x, w = operands
-    y = narrow_dot(x[:3, None, :].reshape(3, 1, 96), w)  # leading axes are kept
+    y = narrow_dot(x[:3, None, :], w)  # leading axes are kept
     assert y.shape == (3, 1, 160) and y.dtype == np.float32
     rounded = np.asarray(jnp.asarray(x[:3], jnp.bfloat16).astype(jnp.float32)) @ np.asarray(w.astype(jnp.float32))
     np.testing.assert_allclose(y[:, 0], rounded, rtol=1e-5, atol=1e-5)
