@@ -4,7 +4,8 @@ Perplexity over the held-out part of ``pydoc_data.topics`` (never used for calib
 as llama.cpp's ``llama-perplexity`` does (``jaxinfer.perplexity``: windows of ``--ctx`` tokens,
 BOS first, second halves scored); weight bytes of the whole model and of its decoder linears; KV
 bytes per token. Rows: float32, bfloat16, RTN int4 g128, AWQ int4 g128 (``--search-scale``), the
-GGUF's Q4_1 imported directly (no dequantize-requantize), KV int8 and KV int4.
+GGUF's Q4_1 imported directly (no dequantize-requantize; also with bfloat16 scales and biases, as a
+GPU loads it), KV int8 and KV int4.
 
 Must hold (issue "Quantization"): AWQ perplexity < RTN's; KV int8 within 1% of float32; int4
 linear weights at most 30% of the bfloat16 bytes. The script states each plainly.
@@ -89,6 +90,8 @@ def main() -> None:
         ("RTN int4 g128", rtn_dir, np.float32, {}, 0),
         (f"AWQ int4 g128 (calib {args.calib_samples}x{args.calib_seqlen}, search)", awq_dir, np.float32, {}, 0),
         ("GGUF Q4_1 direct (int4 g32)", embedded_model_gguf(), np.float32, {"keep_quantized": True}, 0),
+        ("GGUF Q4_1 direct, bfloat16 scales and biases", embedded_model_gguf(), ml_dtypes.bfloat16,
+         {"keep_quantized": True}, 0),
         ("KV int8 (float32 weights)", base_dir, np.float32, {}, 8),
         ("KV int4 (float32 weights)", base_dir, np.float32, {}, 4),
     ]
@@ -101,7 +104,7 @@ def main() -> None:
         seconds = time.perf_counter() - t
         weights = sum(a.nbytes for a in jax.tree.leaves(m.params))
         linears = linear_bytes(m.params)
-        if dtype is ml_dtypes.bfloat16:
+        if name == "bfloat16":
             bf16_linear = linears
         kv = KVCache.bytes_per_token(m.config, activation_dtype(dtype), policy)
         results.append((name, ppl.value, weights, linears, kv, seconds))
@@ -137,7 +140,8 @@ def main() -> None:
         f"- Perplexity: held-out `pydoc_data.topics` (the topics after the first 80% in sorted order; calibration "
         f"draws from the first 80%), {n_windows} windows of {args.ctx} tokens, BOS first, second halves scored "
         f"(llama.cpp's method). Weights and scales/biases of quantized layers are counted in their stored dtype "
-        f"(float32 scales and biases on CPU); embeddings, norms and the tied LM head stay float32."), (
+        f"(float32 scales and biases on CPU, except in the rows that say bfloat16); embeddings, norms and the tied "
+        f"LM head are in the row's dtype."), (
         f"- AWQ: `--search-scale`, calibration {args.calib_samples} x {args.calib_seqlen} tokens of the calibration "
         f"part (LMDeploy's defaults are 128 x 2048; this CPU run uses fewer). GGUF Q4_1 direct: the file's own "
         f"codes, scales and minimums (`--keep-quantized`), bit-exact to the `gguf` package's dequantization."),
