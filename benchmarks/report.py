@@ -86,3 +86,13 @@ def plot_reference(path: str) -> str:
     if path.startswith(REPO + os.sep):
         return f"`{os.path.relpath(path, REPO)}`"
     return f"written outside the repository (`{path}`), not kept"
+
+
+def common_prefix(a: list[int], b: list[int]) -> int:
+    """How many leading tokens two greedy outputs share."""
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n

@@ -65,7 +65,7 @@ os.environ.setdefault("TQDM_DISABLE", "1")
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 
-from report import REPO, load_average, plot_reference, publish  # noqa: E402
+from report import REPO, common_prefix, load_average, plot_reference, publish  # noqa: E402
 
 import peers  # noqa: E402
 
@@ -118,15 +118,6 @@ def figures(run: peers.Run, output_len: int) -> dict[str, float]:
     }
 
 
-def agree(a: list[int], b: list[int]) -> int:
-    n = 0
-    for x, y in zip(a, b):
-        if x != y:
-            break
-        n += 1
-    return n
-
-
 # -- jaxinfer ---------------------------------------------------------------------------------------
 
 def engine_options(args) -> dict:
@@ -136,7 +127,7 @@ def engine_options(args) -> dict:
 class JaxSide:
     def __init__(self, args, dtype: str = "float32"):
         import jax
-        import ml_dtypes
+        import jax.numpy as jnp
 
         from converters.convert import embedded_model_path
         from converters.loader import load_model
@@ -144,8 +135,7 @@ class JaxSide:
 
         t = time.perf_counter()
         self.dtype = dtype
-        np_dtype = ml_dtypes.bfloat16 if dtype == "bfloat16" else np.float32
-        self.loaded = load_model(embedded_model_path(progress=False), np_dtype, progress=False)
+        self.loaded = load_model(embedded_model_path(progress=False), jnp.dtype(dtype), progress=False)
         self.load_s = time.perf_counter() - t
         self.options = engine_options(args)
         t = time.perf_counter()
@@ -516,21 +506,22 @@ def main() -> None:
     for name in ("transformers", *llamas):
         other = last_tokens.get((name, 1))
         if jt1 and other:
-            agreement.append(f"{name} {agree(jt1[0], other[0])}/{n_out}")
+            agreement.append(f"{name} {common_prefix(jt1[0], other[0])}/{n_out}")
     q4t, f32t = last_tokens.get(("llama.cpp Q4_1", 1)), last_tokens.get(("llama.cpp F32", 1))
     same_weights = (
         f" llama.cpp Q4_1 vs F32 (the same weights; Q4_1 matmuls quantize activations to 8 bits): "
-        f"{agree(q4t[0], f32t[0])}/{n_out}." if q4t and f32t else ""
+        f"{common_prefix(q4t[0], f32t[0])}/{n_out}." if q4t and f32t else ""
     )
     batch_inv = []
     for name in jaxinfers:
         first = last_tokens.get((name, 1))
         for b in args.batch_list:
             if b > 1 and first and (name, b) in last_tokens:
-                batch_inv.append(f"{name} batch {b} {agree(first[0], last_tokens[(name, b)][0])}/{n_out}")
+                same = common_prefix(first[0], last_tokens[(name, b)][0])
+                batch_inv.append(f"{name} batch {b} {same}/{n_out}")
     jb1 = last_tokens.get(("jaxinfer bf16", 1))
     if jt1 and jb1:
-        agreement.append(f"jaxinfer bf16 {agree(jt1[0], jb1[0])}/{n_out}")
+        agreement.append(f"jaxinfer bf16 {common_prefix(jt1[0], jb1[0])}/{n_out}")
     notes.append(
         f"- Greedy tokens of request 0 at batch 1, jaxinfer vs: {', '.join(agreement) or '-'} (common prefix)."
         + same_weights

@@ -23,7 +23,7 @@ import time
 
 from decode import prompt_ids
 from decode_layout import alternate
-from report import load_average, publish
+from report import common_prefix, load_average, publish
 
 
 def prefill_step(engine, prompt: list[int]) -> float:
@@ -37,13 +37,6 @@ def prefill_step(engine, prompt: list[int]) -> float:
     while engine.has_unfinished_requests():
         engine.step()
     return elapsed
-
-
-def common_prefix(a: list[int], b: list[int]) -> int:
-    n = 0
-    while n < min(len(a), len(b)) and a[n] == b[n]:
-        n += 1
-    return n
 
 
 def main() -> None:
