@@ -12,7 +12,9 @@ implementation in force, JAX, the backend and ``XLA_FLAGS``; any change gives a 
 A function swapped in at run time (a test's or benchmark's patch of ``jaxinfer.model``) is not
 part of the key: code that patches must not warm up through this directory. Only the jnp
 reference implementation is exported: Pallas kernels lower to custom calls that ``jax.export``
-does not vouch for, so with kernels in force the runner traces as before.
+does not vouch for, so with kernels in force the runner traces as before. The CPU's AMX matmul
+(``pallas_kernels.amx_matmul``) is the exception: its FFI target is jaxinfer's own, registered
+before any step is loaded.
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ from jax import export
 
 import pallas_kernels
 from jaxinfer.home import jaxinfer_home
-from pallas_kernels import dispatch
+from pallas_kernels import amx_matmul, dispatch
 
 logger = logging.getLogger("jaxinfer")
 # Bound on the directory (SmolLM2's 12 buckets take ~3 MB): old entries go first.
@@ -50,10 +52,10 @@ def can_export() -> bool:
 
 @functools.lru_cache(maxsize=1)
 def source_digest() -> str:
-    """sha256 of every Python file of the packages whose code the step runs."""
+    """sha256 of every Python and C++ file of the packages whose code the step runs."""
     h = hashlib.sha256()
     for root in (Path(__file__).parent, Path(pallas_kernels.__file__).parent):
-        for path in sorted(root.rglob("*.py")):
+        for path in sorted([*root.rglob("*.py"), *root.rglob("*.cc")]):
             h.update(str(path.relative_to(root)).encode())
             h.update(path.read_bytes())
     return h.hexdigest()
@@ -95,7 +97,9 @@ def load_or_export(fn: Callable, args: tuple, program: str, donate_argnums: tupl
             out_leaves, trees["out"] = jax.tree.flatten(fn(*jax.tree.unflatten(in_tree, flat_args)))
             return out_leaves
 
-        exported = export.export(jax.jit(flat))(*leaves)
+        # The AMX kernel's FFI target is registered before warm-up (ModelRunner) in every process.
+        amx = export.DisabledSafetyCheck.custom_call(amx_matmul.TARGET)
+        exported = export.export(jax.jit(flat), disabled_checks=[amx])(*leaves)
         out_tree = trees["out"]
         try:
             _save(pickle.dumps((exported.serialize(), out_tree)), directory, path)

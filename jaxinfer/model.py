@@ -19,7 +19,7 @@ models' q/k/v projections are under it, while the fused one is not (``benchmarks
 
 from __future__ import annotations
 
-import math
+from collections.abc import Mapping
 from typing import Any
 
 import flax.linen as nn
@@ -29,6 +29,8 @@ import numpy as np
 
 from jaxinfer.config import ModelConfig, WeightQuant
 from jaxinfer.kv_cache import AttentionMetadata, KVCache, write_kv
+from pallas_kernels.amx_matmul import amx_matmul, narrow_weight_dot
+from pallas_kernels.amx_matmul import pack as amx_pack
 from pallas_kernels.int4_matmul import CODES_PER_WORD, int4_matmul, padded_rows
 from pallas_kernels.paged_attention import paged_attention
 from pallas_kernels.paged_kv import PagedKV
@@ -40,28 +42,14 @@ def _param(module: nn.Module, name: str, shape, axes, dtype, init=nn.initializer
     return module.param(name, nn.with_logical_partitioning(init, axes), shape, dtype)
 
 
-# XLA:CPU runs a bfloat16 dot with float32 accumulation fast from 3 rows up (1.5-2.2x float32's
-# speed at 4-32 rows); on 1-2 rows it takes another path, ~4x slower than float32, whose results
-# differ from the same rows' inside a larger dot (benchmarks/cpu_limits.py). Padding to 4 rows
-# keeps both speed and batch invariance.
-MIN_NARROW_DOT_ROWS = 4
-
-
 def _dot(x: jax.Array, w: jax.Array, w_in_axis: int) -> jax.Array:
-    """``x [..., in]`` contracted with ``w``'s axis ``w_in_axis`` -> ``[..., out]`` in x's dtype.
-
-    A ``w`` stored in a narrower float than ``x`` (bfloat16 weights under float32 activations, the
-    CPU's bfloat16 mode) is multiplied as llama.cpp multiplies its BF16 tensors: ``x`` rounded to
-    ``w``'s dtype, products accumulated in x's dtype."""
+    """``x [..., in]`` contracted with ``w``'s axis ``w_in_axis`` -> ``[..., out]`` in x's dtype; a
+    ``w`` stored in a narrower float than ``x`` (the CPU's bfloat16 mode) takes
+    ``narrow_weight_dot``."""
     if w.dtype == x.dtype:
         return jax.lax.dot_general(x, w, (((x.ndim - 1,), (w_in_axis,)), ((), ())))
-    lead = x.shape[:-1]
-    rows = math.prod(lead)
-    flat = x.reshape(rows, x.shape[-1]).astype(w.dtype)
-    if rows < MIN_NARROW_DOT_ROWS:
-        flat = jnp.pad(flat, ((0, MIN_NARROW_DOT_ROWS - rows), (0, 0)))
-    y = jax.lax.dot_general(flat, w, (((1,), (w_in_axis,)), ((), ())), preferred_element_type=x.dtype)
-    return y[:rows].reshape(*lead, y.shape[-1])
+    y = narrow_weight_dot(x.reshape(-1, x.shape[-1]), w, w_in_axis)
+    return y.reshape(*x.shape[:-1], y.shape[-1])
 
 
 class Linear(nn.Module):
@@ -78,7 +66,11 @@ class Linear(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         n_in = x.shape[-1]
-        if self.quant is None:
+        if self.quant is None and self.has_variable("params", "amx_kernel"):  # pack_linear_kernels
+            lead = x.shape[:-1]
+            packed = self.get_variable("params", "amx_kernel")
+            y = amx_matmul(x.reshape(-1, n_in), packed, self.features).reshape(*lead, self.features)
+        elif self.quant is None:
             kernel = _param(self, "kernel", (n_in, self.features), self.axes, self.dtype)
             y = _dot(x, kernel, 0)
         else:
@@ -229,6 +221,21 @@ class LlamaModel(nn.Module):
         else:
             out = self.lm_head(hidden)
         return out.astype(jnp.float32)
+
+
+def pack_linear_kernels(params: Any) -> Any:
+    """``params`` with every bfloat16 linear ``kernel`` replaced by ``amx_kernel``, the same weight
+    in ``pallas_kernels.amx_matmul``'s packed format, which ``Linear`` then multiplies with the
+    AMX kernel (float32 activations only: the CPU's bfloat16 mode)."""
+    if not isinstance(params, Mapping):
+        return params
+    out = {}
+    for name, value in params.items():
+        if name == "kernel" and getattr(value, "ndim", 0) == 2 and value.dtype == jnp.bfloat16:
+            out["amx_kernel"] = amx_pack(value)
+        else:
+            out[name] = pack_linear_kernels(value)
+    return out
 
 
 def fuse_qkv_params(params: Any, config: ModelConfig) -> Any:

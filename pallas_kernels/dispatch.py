@@ -38,3 +38,9 @@ def use_implementation(name: str) -> Iterator[None]:
         yield
     finally:
         _implementation = previous
+
+
+def cpu_kernels() -> bool:
+    """Whether CPU kernels (``pallas_kernels.amx_matmul``) may run: the choice is automatic and
+    the backend is a CPU. Forcing any implementation turns them off."""
+    return _implementation == "auto" and jax.default_backend() == "cpu"

@@ -1,0 +1,174 @@
+// y[M, N] (float32) = x[M, K] (float32, rounded to bfloat16) times bfloat16 weights packed by
+// amx_matmul.pack, summed in float32 by AMX tiles. Each output's sum runs over K in the same
+// order whatever M is, so a row's result does not depend on the rest of the batch.
+//
+// Packed weights: [ceil(N / 16), kpad / 2, 32], kpad = K rounded up to 32: column block b, pair
+// row j holds (W[2j, c], W[2j + 1, c]) for the block's 16 columns c, the layout a B tile loads
+// with a 64-byte stride. XLA:CPU's own bfloat16 dot rearranges the weights so on every call,
+// which costs more than the product at decode's few rows.
+#include <immintrin.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cstdint>
+#include <cstring>
+#include <memory>
+#include <vector>
+
+#include "xla/ffi/api/ffi.h"
+
+namespace ffi = xla::ffi;
+
+namespace {
+
+constexpr int64_t kTileRows = 16;  // rows of x per A tile
+constexpr int64_t kTileK = 32;     // values of K per tile product
+constexpr int64_t kBlockCols = 16;  // output columns per B tile
+constexpr int64_t kPanelBlocks = 4;  // column blocks per work item, one C tile each
+
+uint16_t RoundToBf16(float f) {  // to nearest even, as XLA's convert
+  uint32_t u;
+  std::memcpy(&u, &f, sizeof u);
+  if ((u & 0x7fffffffu) > 0x7f800000u) return static_cast<uint16_t>((u >> 16) | 0x40);
+  u += 0x7fffu + ((u >> 16) & 1u);
+  return static_cast<uint16_t>(u >> 16);
+}
+
+struct TileConfig {
+  uint8_t palette = 1;
+  uint8_t start_row = 0;
+  uint8_t reserved[14] = {};
+  uint16_t colsb[16] = {};
+  uint8_t rows[16] = {};
+};
+
+// Tiles 0-3: C, one per column block of the panel; 4: A; 5-6: B, alternating.
+void ConfigureTiles() {
+  TileConfig cfg;
+  for (int t = 0; t < 7; ++t) {
+    cfg.rows[t] = kTileRows;
+    cfg.colsb[t] = 64;
+  }
+  _tile_loadconfig(&cfg);
+}
+
+// Tile numbers are immediates: one branch per C tile.
+void StoreC(int64_t block, float* c) {
+  switch (block) {
+    case 0: _tile_stored(0, c, 64); break;
+    case 1: _tile_stored(1, c, 64); break;
+    case 2: _tile_stored(2, c, 64); break;
+    default: _tile_stored(3, c, 64); break;
+  }
+}
+
+// Columns [block0 * 16, (block0 + blocks) * 16) of every row; xb: [m padded to 16, kpad] bfloat16.
+void PanelProduct(const uint16_t* xb, int64_t m, int64_t kpad, const uint32_t* w, int64_t n, int64_t block0,
+                  int64_t blocks, float* y) {
+  const int64_t block_words = kpad / 2 * kBlockCols;
+  const uint32_t* panel = w + block0 * block_words;
+  alignas(64) float c[kTileRows * kBlockCols];
+  for (int64_t r0 = 0; r0 < m; r0 += kTileRows) {
+    _tile_zero(0);
+    _tile_zero(1);
+    _tile_zero(2);
+    _tile_zero(3);
+    for (int64_t k0 = 0; k0 < kpad; k0 += kTileK) {
+      const uint32_t* b = panel + k0 / 2 * kBlockCols;
+      _tile_loadd(4, xb + r0 * kpad + k0, kpad * 2);
+      _tile_loadd(5, b, 64);
+      _tile_dpbf16ps(0, 4, 5);
+      if (blocks > 1) {
+        _tile_loadd(6, b + block_words, 64);
+        _tile_dpbf16ps(1, 4, 6);
+      }
+      if (blocks > 2) {
+        _tile_loadd(5, b + 2 * block_words, 64);
+        _tile_dpbf16ps(2, 4, 5);
+      }
+      if (blocks > 3) {
+        _tile_loadd(6, b + 3 * block_words, 64);
+        _tile_dpbf16ps(3, 4, 6);
+      }
+    }
+    const int64_t rows = std::min(kTileRows, m - r0);
+    for (int64_t blk = 0; blk < blocks; ++blk) {
+      StoreC(blk, c);
+      const int64_t col = (block0 + blk) * kBlockCols;
+      const int64_t valid = std::min(kBlockCols, n - col);
+      const __mmask16 mask = static_cast<__mmask16>((1u << valid) - 1);
+      for (int64_t r = 0; r < rows; ++r)
+        _mm512_mask_storeu_ps(y + (r0 + r) * n + col, mask, _mm512_load_ps(c + r * kBlockCols));
+    }
+  }
+}
+
+// Runs fn(0 .. items - 1) on the calling thread and XLA's intra-op pool; returns when all are done.
+template <typename Fn>
+void ParallelFor(ffi::ThreadPool& pool, int64_t items, Fn fn) {
+  struct State {
+    std::atomic<int64_t> next{0};
+    std::atomic<int64_t> done{0};
+  };
+  auto state = std::make_shared<State>();
+  auto work = [state, items, fn]() {  // a helper that starts late finds nothing left and returns
+    bool configured = false;
+    for (int64_t i; (i = state->next.fetch_add(1)) < items;) {
+      if (!configured) {
+        ConfigureTiles();
+        configured = true;
+      }
+      fn(i);
+      state->done.fetch_add(1, std::memory_order_release);
+    }
+    if (configured) _tile_release();
+  };
+  const int64_t helpers = std::min<int64_t>(pool.num_threads(), items) - 1;
+  for (int64_t t = 0; t < helpers; ++t) {
+    auto copy = work;
+    pool.Schedule(std::move(copy));
+  }
+  work();
+  while (state->done.load(std::memory_order_acquire) < items) _mm_pause();
+}
+
+ffi::Error Matmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::BF16> packed,
+                  ffi::ResultBuffer<ffi::F32> y) {
+  const auto xd = x.dimensions(), pd = packed.dimensions(), yd = y->dimensions();
+  if (xd.size() != 2 || pd.size() != 3 || yd.size() != 2 || pd[2] != 2 * kBlockCols || yd[0] != xd[0])
+    return ffi::Error::InvalidArgument("jaxinfer_amx_matmul: expected x [M, K], packed [N/16, K/2, 32], y [M, N]");
+  const int64_t m = xd[0], k = xd[1], kpad = 2 * pd[1], n = yd[1], blocks = pd[0];
+  if (kpad % kTileK || kpad < k || kpad - k >= kTileK || (n + kBlockCols - 1) / kBlockCols != blocks)
+    return ffi::Error::InvalidArgument("jaxinfer_amx_matmul: packed weights do not match x and y");
+  const int64_t m_pad = (m + kTileRows - 1) / kTileRows * kTileRows;
+  std::vector<uint16_t> xb(m_pad * kpad, 0);
+  const float* xs = x.typed_data();
+  for (int64_t r = 0; r < m; ++r)
+    for (int64_t c = 0; c < k; ++c) xb[r * kpad + c] = RoundToBf16(xs[r * k + c]);
+  const uint16_t* xp = xb.data();
+  const uint32_t* wp = reinterpret_cast<const uint32_t*>(packed.typed_data());
+  float* yp = y->typed_data();
+  ParallelFor(pool, (blocks + kPanelBlocks - 1) / kPanelBlocks, [=](int64_t item) {
+    const int64_t block0 = item * kPanelBlocks;
+    PanelProduct(xp, m, kpad, wp, n, block0, std::min(kPanelBlocks, blocks - block0), yp);
+  });
+  return ffi::Error::Success();
+}
+
+}  // namespace
+
+// Asks Linux for the AMX tile state, which a process must request before its first tile
+// instruction; true when granted.
+extern "C" bool jaxinfer_amx_request() {
+  constexpr int kArchReqXcompPerm = 0x1023, kXfeatureXtiledata = 18;
+  return syscall(SYS_arch_prctl, kArchReqXcompPerm, kXfeatureXtiledata) == 0;
+}
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(jaxinfer_amx_matmul, Matmul,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::BF16>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>());

@@ -1,0 +1,118 @@
+"""The CPU's AMX matmul (``pallas_kernels.amx_matmul``) against its XLA reference, and the engine
+with weights packed for it.
+
+The kernel tests need a CPU with AMX and a C++ compiler (this project's machines have both) and
+are skipped elsewhere; the packing and build-failure tests run anywhere.
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from tiny_models import build_tiny
+
+from converters.loader import load_model
+from jaxinfer import LLM, SamplingParams
+from jaxinfer.home import jaxinfer_home
+from pallas_kernels import amx_matmul, dispatch
+
+needs_amx = pytest.mark.skipif(not amx_matmul.cpu_supports_amx(), reason="the CPU has no AMX")
+
+# (M, K, N): decode rows, SmolLM2's projections, prefill chunks; K and N off the tile sizes.
+SHAPES = [(1, 576, 960), (4, 64, 64), (16, 576, 1536), (17, 96, 200), (32, 1536, 576), (70, 33, 100),
+          (3, 7, 5)]
+
+
+def operands(m, k, n, seed=0):
+    rng = np.random.default_rng(seed)
+    x = jnp.asarray(rng.standard_normal((m, k)), jnp.float32)
+    w = jnp.asarray(rng.standard_normal((k, n)) * 0.1, jnp.bfloat16)
+    return x, w
+
+
+@pytest.fixture(scope="module")
+def enabled():
+    if not amx_matmul.enable(f"{jaxinfer_home()}/native"):
+        pytest.fail("the CPU has AMX but the kernel could not be built or enabled (see the log)")
+
+
+@pytest.mark.parametrize("k,n", [(576, 960), (33, 100), (7, 5), (1, 1)])
+def test_pack_round_trip(k, n):
+    _, w = operands(1, k, n)
+    packed = amx_matmul.pack(w)
+    assert packed.shape == (-(-n // 16), -(-k // 32) * 16, 32) and packed.dtype == jnp.bfloat16
+    assert np.array_equal(np.asarray(amx_matmul.unpack(packed, k, n)), np.asarray(w))
+
+
+@needs_amx
+@pytest.mark.parametrize("m,k,n", SHAPES)
+def test_kernel_matches_reference(enabled, m, k, n):
+    x, w = operands(m, k, n)
+    packed = amx_matmul.pack(w)
+    got = np.asarray(jax.jit(amx_matmul.amx_matmul_kernel, static_argnums=2)(x, packed, n))
+    want = np.asarray(jax.jit(amx_matmul.amx_matmul_reference, static_argnums=2)(x, packed, n))
+    if k >= amx_matmul.TILE_K:  # the same products summed in the same order as XLA's AMX dot
+        assert np.array_equal(got, want)
+    else:  # XLA takes another path for tiny dots
+        np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
+
+
+@needs_amx
+def test_rows_do_not_depend_on_the_batch(enabled):
+    x, w = operands(40, 576, 960, seed=1)
+    packed = amx_matmul.pack(w)
+    full = np.asarray(amx_matmul.amx_matmul_kernel(x, packed, 960))
+    for lo, hi in [(0, 1), (5, 7), (13, 30), (39, 40)]:
+        assert np.array_equal(np.asarray(amx_matmul.amx_matmul_kernel(x[lo:hi], packed, 960)), full[lo:hi])
+
+
+@needs_amx
+def test_dispatch_runs_the_kernel_unless_an_implementation_is_forced(enabled):
+    x, w = operands(4, 64, 48)
+    packed = amx_matmul.pack(w)
+
+    def lowered():  # a new function each time: jit would reuse an earlier trace of the same one
+        return jax.jit(lambda a, b: amx_matmul.amx_matmul(a, b, 48)).lower(x, packed).as_text()
+
+    assert amx_matmul.TARGET in lowered()
+    with dispatch.use_implementation("reference"):
+        assert amx_matmul.TARGET not in lowered()
+
+
+def test_mismatched_packed_weights_are_refused():
+    x, w = operands(2, 64, 48)
+    with pytest.raises(ValueError, match=r"do not hold a \[64, 20\] matrix"):
+        amx_matmul.amx_matmul(x, amx_matmul.pack(w), 20)
+
+
+def test_failed_build_names_the_command_and_leaves_no_file(tmp_path, monkeypatch):
+    monkeypatch.setenv("CXX", "false")
+    with pytest.raises(RuntimeError, match="false .* failed"):
+        amx_matmul._build(str(tmp_path))
+    assert list(tmp_path.iterdir()) == []
+
+
+@needs_amx
+def test_engine_packs_weights_and_gives_the_xla_dots_tokens(tmp_path):
+    path = str(tmp_path / "tiny")
+    build_tiny("llama", path, seed=4)
+    options = dict(progress=False, max_batch_size=4, max_prefill_tokens=32, cache_block_seq_len=16,
+                   cache_max_entry_count=64)
+    greedy = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True)
+    prompts = [list(range(3, 40)), [5, 6, 7], list(range(100, 120))]
+
+    def tokens(llm):
+        return [o.outputs[0].token_ids for o in llm.generate(prompts, greedy)]
+
+    with dispatch.use_implementation("reference"):
+        xla = LLM(load_model(path, jnp.bfloat16, progress=False), **options)
+        want = tokens(xla)
+    assert not xla.engine.runner.amx
+    amx = LLM(load_model(path, jnp.bfloat16, progress=False), **options)
+    assert amx.engine.runner.amx
+    kernels = jax.tree_util.tree_flatten_with_path(amx.engine.runner.params)[0]
+    assert any("amx_kernel" in jax.tree_util.keystr(p) for p, _ in kernels)
+    assert not any("'kernel'" in jax.tree_util.keystr(p) for p, _ in kernels)
+    assert tokens(amx) == want
+    again = LLM(load_model(path, jnp.bfloat16, progress=False), **options)  # steps saved by the first
+    assert tokens(again) == want
