@@ -1,16 +1,20 @@
 """float32 vs bfloat16 weights on CPU, side by side: SmolLM2-135M decode and prefill step times.
 
-``--dtype bfloat16`` on CPU keeps activations and the KV cache in float32 and feeds bfloat16 rows
-to XLA's bfloat16 dots (AMX), padded to at least 4 rows (``jaxinfer.model._dot``). This measures
-what that buys in the engine's own steps: two engines on the same weights (float32, and the same
-rounded to bfloat16) in one process, taking turns (``decode_layout.alternate``).
+``--dtype bfloat16`` on CPU keeps activations and the KV cache in float32 and rounds each
+matmul's input rows to bfloat16, summing in float32. On a CPU with AMX the engine packs the
+weights once for ``pallas_kernels.amx_matmul``'s kernel ("bfloat16 AMX"); elsewhere, or with the
+kernels turned off, XLA's own bfloat16 dots run ("bfloat16 XLA": they rearrange the weights on
+every call). This measures what each buys in the engine's own steps: three engines on the same
+weights (float32, and the same rounded to bfloat16 twice) in one process, taking turns
+(``decode_layout.alternate``).
 
 - decode: per batch size, the median time of all pure decode steps (no prefill in them) of
   ``--repeats`` rounds per engine; every request decodes the same prompt, so each engine's
   requests must all produce the tokens its batch-1 request produced (batch invariance);
 - prefill: the step that prefills one request's whole prompt of N tokens, median of
   ``--repeats`` per engine, taking turns;
-- how many of bfloat16's greedy tokens agree with float32's (common prefix, batch 1).
+- how many of bfloat16's greedy tokens agree with float32's (common prefix, batch 1), and whether
+  the two bfloat16 engines' tokens are identical (they compute the same sums).
 
     .venv/bin/python benchmarks/weight_dtype.py [--batches 1,4,8,16,32] [--write-results]
 """
@@ -58,17 +62,30 @@ def main() -> None:
     from converters.loader import load_model
     from jaxinfer.llm import build_engine
 
+    from pallas_kernels import dispatch
+
     path = embedded_model_path(progress=False)
     loaded = {"float32": load_model(path, jnp.float32, progress=False),
-              "bfloat16": load_model(path, jnp.bfloat16, progress=False)}
+              "bfloat16 XLA": load_model(path, jnp.bfloat16, progress=False),
+              "bfloat16 AMX": load_model(path, jnp.bfloat16, progress=False)}
     tokenizer = loaded["float32"].tokenizer
     max_prefill = max(lengths)
     options = {"max_batch_size": max(batches), "max_prefill_tokens": max(512, max_prefill),
                "session_len": max(args.prompt_tokens + args.decode_tokens, max_prefill) + 64}
-    engines = {name: build_engine(m, progress=False, **options) for name, m in loaded.items()}
+    engines = {}
+    for name, m in loaded.items():
+        if name == "bfloat16 XLA":  # kernels off: the weights stay unpacked, XLA's dots run
+            with dispatch.use_implementation("reference"):
+                engines[name] = build_engine(m, progress=False, **options)
+        else:
+            engines[name] = build_engine(m, progress=False, **options)
+    if not engines["bfloat16 AMX"].runner.amx:
+        print("note: the AMX kernel is not available here; 'bfloat16 AMX' runs XLA's dots too")
+    names = list(engines)
+    f32, xla, amx = names
 
-    decode_rows = ["| batch | float32 ms/step | bfloat16 ms/step | float32 / bfloat16 | batch-invariant (f32, bf16) |",
-                   "|---:|---:|---:|---:|---|"]
+    decode_rows = [f"| batch | {' | '.join(f'{n} ms/step' for n in names)} | {f32} / {amx} | {xla} / {amx} | "
+                   f"batch-invariant ({', '.join(names)}) |", "|---:|---:|---:|---:|---:|---:|---|"]
     prompt = prompt_ids(tokenizer, args.prompt_tokens)
     first: dict[str, list[int]] = {}
     for batch in batches:
@@ -76,11 +93,12 @@ def main() -> None:
         for name in engines:
             first.setdefault(name, tokens[name][0])
         invariant = ", ".join("yes" if all(t == first[n] for t in tokens[n]) else "**no**" for n in engines)
-        decode_rows.append(f"| {batch} | {med['float32']:.1f} | {med['bfloat16']:.1f} | "
-                           f"{med['float32'] / med['bfloat16']:.2f}x | {invariant} |")
+        decode_rows.append(f"| {batch} | {' | '.join(f'{med[n]:.1f}' for n in names)} | "
+                           f"{med[f32] / med[amx]:.2f}x | {med[xla] / med[amx]:.2f}x | {invariant} |")
         print(decode_rows[-1], flush=True)
 
-    prefill_rows = ["| prompt tokens | float32 ms | bfloat16 ms | float32 / bfloat16 |", "|---:|---:|---:|---:|"]
+    prefill_rows = [f"| prompt tokens | {' | '.join(f'{n} ms' for n in names)} | {f32} / {amx} | {xla} / {amx} |",
+                    "|---:|---:|---:|---:|---:|---:|"]
     long_prompt = prompt_ids(tokenizer, max_prefill)
     for n in lengths:
         times: dict[str, list[float]] = {name: [] for name in engines}
@@ -89,21 +107,25 @@ def main() -> None:
         for _ in range(args.repeats):
             for name, engine in engines.items():
                 times[name].append(prefill_step(engine, long_prompt[:n]))
-        f32, bf16 = (statistics.median(times[k]) * 1e3 for k in ("float32", "bfloat16"))
-        prefill_rows.append(f"| {n} | {f32:.1f} | {bf16:.1f} | {f32 / bf16:.2f}x |")
+        ms = {k: statistics.median(v) * 1e3 for k, v in times.items()}
+        prefill_rows.append(f"| {n} | {' | '.join(f'{ms[k]:.1f}' for k in names)} | {ms[f32] / ms[amx]:.2f}x | "
+                            f"{ms[xla] / ms[amx]:.2f}x |")
         print(prefill_rows[-1], flush=True)
 
-    agree = common_prefix(first["float32"], first["bfloat16"])
+    agree = common_prefix(first[f32], first[amx])
     notes = [
         (f"- SmolLM2-135M (embedded GGUF dequantized to float32; bfloat16: the same weights rounded), engine "
          f"options {options}. Decode: {args.prompt_tokens}-token prompt, {args.decode_tokens} greedy tokens per "
          f"request, {args.repeats} rounds per engine taking turns, median over all pure decode steps. Prefill: "
          f"median of {args.repeats} single-request prefill steps per engine, taking turns, after one untimed."),
-        f"- Greedy tokens, bfloat16 vs float32 at batch 1: common prefix {agree}/{args.decode_tokens}.",
+        (f"- bfloat16 AMX: weights packed for `pallas_kernels.amx_matmul` (in use: "
+         f"{engines[amx].runner.amx}); bfloat16 XLA: built with `dispatch.use_implementation('reference')`."),
+        (f"- Greedy tokens at batch 1: bfloat16 AMX vs float32 common prefix {agree}/{args.decode_tokens}; "
+         f"bfloat16 AMX vs bfloat16 XLA identical: {first[amx] == first[xla]}."),
         f"- Load: before `{load_before}`; after `{load_average()}`.",
     ]
-    publish("Weight dtype on CPU: float32 vs bfloat16 weights (float32 activations), SmolLM2-135M",
-            decode_rows, prefill_rows, notes, write=args.write_results)
+    publish("Weight dtype on CPU: float32 vs bfloat16 weights (float32 activations; XLA dots vs AMX kernel), "
+            "SmolLM2-135M", decode_rows, prefill_rows, notes, write=args.write_results)
 
 
 if __name__ == "__main__":
