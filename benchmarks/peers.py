@@ -28,9 +28,9 @@ class Run:
     tokens: list[list[int]] = field(default_factory=list)
 
 
-# -- the F32 GGUF ---------------------------------------------------------------------------------
+# -- the F32 and BF16 GGUFs ------------------------------------------------------------------------
 
-def f32_gguf_path(src: str) -> str:
+def dense_gguf_path(src: str, dtype: str = "F32") -> str:
     from jaxinfer.home import jaxinfer_home
 
     name = os.path.basename(src)
@@ -38,23 +38,30 @@ def f32_gguf_path(src: str) -> str:
     for suffix in (".Q4_1", ".Q4_0", ".Q8_0", ".F16"):
         if stem.endswith(suffix):
             stem = stem[: -len(suffix)]
-    return os.path.join(jaxinfer_home(), "bench", f"{stem}.F32.gguf")
+    return os.path.join(jaxinfer_home(), "bench", f"{stem}.{dtype}.gguf")
 
 
-def write_f32_gguf(src_gguf: str, out_path: str | None = None, overwrite: bool = False) -> str:
+def write_f32_gguf(src_gguf: str, out_path: str | None = None, overwrite: bool = False, dtype: str = "F32") -> str:
     """Write (once; cached under ``$JAXINFER_HOME/bench``) ``src_gguf`` with every tensor in F32.
 
     Same tensor names, order and ggml shapes; every metadata key/value copied (tokenizer arrays,
     chat template, ...) except ``general.file_type``, set to ``ALL_F32`` (0). The values are the
     source's quantized values dequantized exactly (Q4_1: q*d + m), so the weights are the same
     numbers, only stored wider.
+
+    ``dtype="BF16"``: the matrices instead in BF16, those values rounded to nearest even (what
+    ``--dtype bfloat16`` gives jaxinfer), vectors (norms) still F32; file type ``MOSTLY_BF16``.
     """
     import gguf
 
-    out_path = out_path or f32_gguf_path(src_gguf)
+    out_path = out_path or dense_gguf_path(src_gguf, dtype)
     if os.path.exists(out_path) and not overwrite and os.path.getmtime(out_path) >= os.path.getmtime(src_gguf):
         return out_path
     os.makedirs(os.path.dirname(out_path), exist_ok=True)
+    if dtype not in ("F32", "BF16"):
+        raise ValueError(f"dtype must be F32 or BF16, not {dtype!r}")
+    bf16 = dtype == "BF16"
+    file_type = gguf.LlamaFileType.MOSTLY_BF16 if bf16 else gguf.LlamaFileType.ALL_F32
     reader = gguf.GGUFReader(src_gguf)
     arch_field = reader.get_field(gguf.Keys.General.ARCHITECTURE)
     arch = arch_field.contents()
@@ -71,23 +78,33 @@ def write_f32_gguf(src_gguf: str, out_path: str | None = None, overwrite: bool =
         sub_type = f.types[-1] if vtype == gguf.GGUFValueType.ARRAY else None
         value = f.contents()
         if f.name == gguf.Keys.General.FILE_TYPE:
-            value, wrote_file_type = int(gguf.LlamaFileType.ALL_F32), True
+            value, wrote_file_type = int(file_type), True
         writer.add_key_value(f.name, value, vtype, sub_type=sub_type)
     if not wrote_file_type:
-        writer.add_file_type(int(gguf.LlamaFileType.ALL_F32))
+        writer.add_file_type(int(file_type))
     for t in reader.tensors:
         # dequantize() returns numpy order (ggml's shape reversed), which add_tensor reverses back.
         values = np.ascontiguousarray(gguf.quants.dequantize(t.data, t.tensor_type), dtype=np.float32)
         expected = tuple(int(d) for d in reversed(t.shape.tolist()))
         if values.shape != expected:
             values = values.reshape(expected)
-        writer.add_tensor(t.name, values, raw_dtype=gguf.GGMLQuantizationType.F32)
+        if bf16 and values.ndim > 1:
+            writer.add_tensor(t.name, _bf16_bits(values), raw_dtype=gguf.GGMLQuantizationType.BF16)
+        else:
+            writer.add_tensor(t.name, values, raw_dtype=gguf.GGMLQuantizationType.F32)
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
     writer.close()
     os.replace(tmp, out_path)
     return out_path
+
+
+def _bf16_bits(values: np.ndarray) -> np.ndarray:
+    """float32 -> the bfloat16 bit patterns, rounded to nearest even, as uint16."""
+    import ml_dtypes
+
+    return values.astype(ml_dtypes.bfloat16).view(np.uint16)
 
 
 def check_f32_gguf(src_gguf: str, f32_gguf: str, tensors: int = 6) -> str:

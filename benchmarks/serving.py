@@ -15,17 +15,19 @@ Servers (``--servers``), each started by this script on a free local port and st
     listens), started once and kept for every C (it idles without using the CPU while the others
     run). ``jaxinfer-bf16``: the same with ``--dtype bfloat16`` (bfloat16 weights; on CPU float32
     activations and KV cache).
-  - ``llama-f32`` / ``llama-q4_1``: ``llama-server -m <GGUF> --parallel C --cont-batching -c
+  - ``llama-f32`` / ``llama-bf16`` / ``llama-q4_1``: ``llama-server -m <GGUF> --parallel C --cont-batching -c
     C*(input + output + 16) -t 2 -tb 2``, restarted for every C, built once from the llama.cpp
     vendored in the ``llama-cpp-python`` 0.3.36 sdist (``peers.build_llama_server``). F32: the
     embedded Q4_1 GGUF with every tensor dequantized (``peers.write_f32_gguf``: the same numbers as
-    jaxinfer's float32 weights); Q4_1: the embedded file itself. On a CPU with AMX, llama.cpp's AMX
+    jaxinfer's float32 weights); BF16: the same with the matrices rounded to bfloat16 (what
+    ``--dtype bfloat16`` gives jaxinfer: the like-for-like peer of ``jaxinfer-bf16``); Q4_1: the
+    embedded file itself. On a CPU with AMX, llama.cpp's AMX
     buffer type crashes on matmuls of 2+ rows (see ``peers.default_buffers_work``); a probe
     request (``--llama-repack auto``) finds out and then runs that file with ``--no-repack``
     (llama.cpp's switch for its extra buffer types: AMX and weight repacking).
 
-At every C the servers run in turn (jaxinfer, jaxinfer-bf16, llama-f32, llama-q4_1), so a change in the load of
-this shared machine hits them all. Each server first gets an untimed warm-up round of C requests
+At every C the servers run in turn (jaxinfer, jaxinfer-bf16, llama-f32, llama-bf16, llama-q4_1), so a
+change in the load of this shared machine hits them all. Each server first gets an untimed warm-up round of C requests
 of 4 tokens.
 
 Figures per (server, C), over the requests of the run (vLLM's definitions):
@@ -70,9 +72,9 @@ from report import REPO, load_average, plot_reference, publish  # noqa: E402
 import peers  # noqa: E402
 
 DEFAULT_PLOT = os.path.join(HERE, "serving.png")
-SERVERS = ("jaxinfer", "jaxinfer-bf16", "llama-f32", "llama-q4_1")
+SERVERS = ("jaxinfer", "jaxinfer-bf16", "llama-f32", "llama-bf16", "llama-q4_1")
 LABELS = {"jaxinfer": "jaxinfer (fp32)", "jaxinfer-bf16": "jaxinfer (bf16 weights)", "llama-f32": "llama-server F32",
-          "llama-q4_1": "llama-server Q4_1"}
+          "llama-bf16": "llama-server BF16", "llama-q4_1": "llama-server Q4_1"}
 JAXINFER_FLAGS = {"jaxinfer": [], "jaxinfer-bf16": ["--dtype", "bfloat16"]}
 GOAL_CONCURRENCY = 16
 GOAL_RATIO = 1.5
@@ -376,6 +378,7 @@ def plot(path: str, rows: list[dict], servers: list[str], concurrency: list[int]
     import matplotlib.pyplot as plt
 
     styles = {"jaxinfer": ("tab:blue", "o"), "jaxinfer-bf16": ("tab:cyan", "s"), "llama-f32": ("tab:red", "v"),
+              "llama-bf16": ("tab:orange", "D"),
               "llama-q4_1": ("tab:green", "^")}
     fig, axes = plt.subplots(2, 2, figsize=(11, 8))
     panels = (
@@ -660,6 +663,8 @@ def main() -> None:
     q4_path = embedded_model_gguf()
     if "llama-f32" in servers:
         ggufs["llama-f32"] = peers.write_f32_gguf(q4_path)
+    if "llama-bf16" in servers:
+        ggufs["llama-bf16"] = peers.write_f32_gguf(q4_path, dtype="BF16")
     if "llama-q4_1" in servers:
         ggufs["llama-q4_1"] = q4_path
     if ggufs:
@@ -760,7 +765,7 @@ def main() -> None:
             )
 
     goals = []
-    for ours, peer in ((o, p) for o in JAXINFER_FLAGS for p in ("llama-f32", "llama-q4_1")):
+    for ours, peer in ((o, p) for o in JAXINFER_FLAGS for p in ("llama-f32", "llama-bf16", "llama-q4_1")):
         jx, p = by.get((ours, GOAL_CONCURRENCY)), by.get((peer, GOAL_CONCURRENCY))
         if jx is None or p is None:
             continue
@@ -801,7 +806,8 @@ def main() -> None:
             f"{args.llama_parallel or 'C'}: "
             + "; ".join(f"`{cmd}`" for cmd in commands.values() if cmd.startswith("llama-server"))
             + " (the commands of the last level). F32 GGUF: the embedded Q4_1 file with every tensor dequantized "
-            "(`peers.write_f32_gguf`, the same values as jaxinfer's float32 weights)."
+            "(`peers.write_f32_gguf`, the same values as jaxinfer's float32 weights); BF16 GGUF: the same with its "
+            "matrices rounded to bfloat16 (`write_f32_gguf(dtype='BF16')`), norms F32."
         )
         for name in ggufs:
             notes.append(f"- {LABELS[name]}: {repack_notes[name]}.")
