@@ -1,4 +1,4 @@
-"""What parts of a decode step cost, measured by taking them out: SmolLM2-135M fp32 decode steps
+"""What parts of a decode step cost, measured by taking them out: SmolLM2-135M decode steps
 of the engine as shipped, side by side with two what-if variants of its model.
 
 - ``no attention``: paged attention replaced by a copy of the queries (KV writes, projections,
@@ -90,6 +90,8 @@ def main() -> None:
     ap.add_argument("--prompt-tokens", type=int, default=128)
     ap.add_argument("--decode-tokens", type=int, default=48)
     ap.add_argument("--repeats", type=int, default=3, help="runs of each engine per batch size, alternating")
+    ap.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
+                    help="weights (bfloat16: the CPU's bfloat16 mode, AMX kernel where available)")
     ap.add_argument("--write-results", action="store_true", help="append a dated section to benchmarks/RESULTS.md")
     args = ap.parse_args()
     batches = [int(b) for b in args.batches.split(",")]
@@ -102,7 +104,7 @@ def main() -> None:
     from jaxinfer.llm import build_engine
     from jaxinfer.model_runner import ModelRunner
 
-    loaded = load_model(embedded_model_path(progress=False), jnp.float32, progress=False)
+    loaded = load_model(embedded_model_path(progress=False), jnp.dtype(args.dtype), progress=False)
     if loaded.config.weight_quant is not None or loaded.config.mlp_bias:
         raise SystemExit("the gate/up variant expects float MLP weights without biases")
     prompt = prompt_ids(loaded.tokenizer, args.prompt_tokens)
@@ -132,13 +134,14 @@ def main() -> None:
                     f"{med['gate/up fused']:.1f} | {med['engine'] / med['gate/up fused']:.2f}x | {same} |")
         print(rows[-1], flush=True)
     notes = [
-        (f"- SmolLM2-135M fp32 (embedded GGUF dequantized), {args.prompt_tokens}-token prompt, "
+        (f"- SmolLM2-135M {args.dtype} weights (embedded GGUF dequantized; AMX matmul kernel: "
+         f"{engines['engine'].runner.amx}), {args.prompt_tokens}-token prompt, "
          f"{args.decode_tokens} greedy tokens per request (context {args.prompt_tokens}-"
          f"{args.prompt_tokens + args.decode_tokens}), {args.repeats} repeats per engine alternating; median over "
          "all pure decode steps. attention's share = (engine - no attention) / engine."),
         f"- Load: before `{load_before}`; after `{load_average()}`.",
     ]
-    publish("Decode step breakdown: attention's share, gate/up fusion, SmolLM2-135M fp32", rows, notes,
+    publish(f"Decode step breakdown: attention's share, gate/up fusion, SmolLM2-135M {args.dtype} weights", rows, notes,
             write=args.write_results)
 
 
