@@ -12,9 +12,9 @@ implementation in force, JAX, the backend and ``XLA_FLAGS``; any change gives a 
 A function swapped in at run time (a test's or benchmark's patch of ``jaxinfer.model``) is not
 part of the key: code that patches must not warm up through this directory. Only the jnp
 reference implementation is exported: Pallas kernels lower to custom calls that ``jax.export``
-does not vouch for, so with kernels in force the runner traces as before. The CPU's AMX matmul
-(``pallas_kernels.amx_matmul``) is the exception: its FFI target is jaxinfer's own, registered
-before any step is loaded.
+does not vouch for, so with kernels in force the runner traces as before. The CPU kernels
+(``pallas_kernels.cpu_native``) are the exception: their FFI targets are jaxinfer's own,
+registered before any step is loaded.
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ from jax import export
 
 import pallas_kernels
 from jaxinfer.home import jaxinfer_home
-from pallas_kernels import amx_matmul, dispatch
+from pallas_kernels import cpu_native, dispatch
 
 logger = logging.getLogger("jaxinfer")
 # Bound on the directory (SmolLM2's 12 buckets take ~3 MB): old entries go first.
@@ -55,7 +55,7 @@ def source_digest() -> str:
     """sha256 of every Python and C++ file of the packages whose code the step runs."""
     h = hashlib.sha256()
     for root in (Path(__file__).parent, Path(pallas_kernels.__file__).parent):
-        for path in sorted([*root.rglob("*.py"), *root.rglob("*.cc")]):
+        for path in sorted([*root.rglob("*.py"), *root.rglob("*.cc"), *root.rglob("*.h")]):
             h.update(str(path.relative_to(root)).encode())
             h.update(path.read_bytes())
     return h.hexdigest()
@@ -97,9 +97,9 @@ def load_or_export(fn: Callable, args: tuple, program: str, donate_argnums: tupl
             out_leaves, trees["out"] = jax.tree.flatten(fn(*jax.tree.unflatten(in_tree, flat_args)))
             return out_leaves
 
-        # The AMX kernel's FFI target is registered before warm-up (ModelRunner) in every process.
-        amx = export.DisabledSafetyCheck.custom_call(amx_matmul.TARGET)
-        exported = export.export(jax.jit(flat), disabled_checks=[amx])(*leaves)
+        # The CPU kernels' FFI targets are registered before warm-up (ModelRunner) in every process.
+        ours = [export.DisabledSafetyCheck.custom_call(t) for t in cpu_native.TARGETS]
+        exported = export.export(jax.jit(flat), disabled_checks=ours)(*leaves)
         out_tree = trees["out"]
         try:
             _save(pickle.dumps((exported.serialize(), out_tree)), directory, path)

@@ -24,7 +24,7 @@ from jaxinfer.kv_cache import AttentionMetadata, KVCache
 from jaxinfer.home import jaxinfer_home
 from jaxinfer.model import LlamaModel, fuse_qkv_params, pack_linear_kernels
 from jaxinfer.sampler import SampleOutput, SamplingTensors, sample
-from pallas_kernels import amx_matmul, dispatch
+from pallas_kernels import cpu_native, dispatch
 
 
 def _model_step(model: LlamaModel, params, cache: KVCache, tokens, meta: AttentionMetadata, logits_indices, sampling):
@@ -42,15 +42,17 @@ class ModelRunner:
         instead of three small ones) unless ``fused_qkv`` is False. ``exported_steps``: a directory
         where warm-up loads and saves each bucket's traced step; None traces them in process.
         ``dtype``: the weights' (``activation_dtype`` gives the activations' and the cache's).
-        bfloat16 weights under float32 activations are packed for the AMX kernel when it can run
+        On CPU it turns on jaxinfer's CPU kernels (``pallas_kernels.cpu_native``), and bfloat16
+        weights under float32 activations are packed for the AMX kernel when it can run
         (``self.amx``)."""
         self.config = config
         self.params = fuse_qkv_params(params, config) if fused_qkv else params
         self.buckets = buckets
         act = activation_dtype(dtype)
+        kernels = (cpu_native.enable(os.path.join(jaxinfer_home(), "native")) if dispatch.cpu_kernels()
+                   else cpu_native.CpuKernels())
         # The CPU's bfloat16 mode: weights packed once for the AMX kernel, when it can run here.
-        self.amx = (jnp.dtype(dtype) == jnp.bfloat16 and jnp.dtype(act) == jnp.float32 and dispatch.cpu_kernels()
-                    and amx_matmul.enable(os.path.join(jaxinfer_home(), "native")))
+        self.amx = jnp.dtype(dtype) == jnp.bfloat16 and jnp.dtype(act) == jnp.float32 and kernels.amx_matmul
         if self.amx:
             self.params = pack_linear_kernels(self.params)
         self.model = LlamaModel(config, act, fused_qkv)
@@ -60,7 +62,7 @@ class ModelRunner:
                                     jax.devices()[0])
         self._step = jax.jit(functools.partial(_model_step, self.model), donate_argnums=(1,))
         self._program = (f"model step: {config!r}, {jnp.dtype(dtype)} weights, {jnp.dtype(act)} activations, "
-                         f"fused_qkv={fused_qkv}, quant_policy={quant_policy}, amx={self.amx}")
+                         f"fused_qkv={fused_qkv}, quant_policy={quant_policy}, amx={self.amx}, {kernels}")
         self._exported_steps = exported_steps
         self._warm_steps: dict[tuple[int, int], Any] = {}  # bucket shape -> step loaded by warm-up
         self._no_history: dict[int, jax.Array] = {}  # per batch size: the all-padding history

@@ -11,12 +11,11 @@
 #include <unistd.h>
 
 #include <algorithm>
-#include <atomic>
 #include <cstdint>
 #include <cstring>
-#include <memory>
 #include <vector>
 
+#include "cpu_parallel.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
@@ -141,34 +140,11 @@ void PanelProduct2x2(const uint16_t* xb, int64_t m, int64_t kpad, const uint32_t
   }
 }
 
-// Runs fn(0 .. items - 1) on the calling thread and XLA's intra-op pool; returns when all are done.
-template <typename Fn>
-void ParallelFor(ffi::ThreadPool& pool, int64_t items, Fn fn) {
-  struct State {
-    std::atomic<int64_t> next{0};
-    std::atomic<int64_t> done{0};
-  };
-  auto state = std::make_shared<State>();
-  auto work = [state, items, fn]() {  // a helper that starts late finds nothing left and returns
-    bool configured = false;
-    for (int64_t i; (i = state->next.fetch_add(1)) < items;) {
-      if (!configured) {
-        ConfigureTiles();
-        configured = true;
-      }
-      fn(i);
-      state->done.fetch_add(1, std::memory_order_release);
-    }
-    if (configured) _tile_release();
-  };
-  const int64_t helpers = std::min<int64_t>(pool.num_threads(), items) - 1;
-  for (int64_t t = 0; t < helpers; ++t) {
-    auto copy = work;
-    pool.Schedule(std::move(copy));
-  }
-  work();
-  while (state->done.load(std::memory_order_acquire) < items) _mm_pause();
-}
+// A thread's AMX tile configuration, for as long as it runs items.
+struct TileScope {
+  TileScope() { ConfigureTiles(); }
+  ~TileScope() { _tile_release(); }
+};
 
 ffi::Error Matmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::BF16> packed,
                   ffi::ResultBuffer<ffi::F32> y) {
@@ -190,7 +166,7 @@ ffi::Error Matmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi
   float* yp = y->typed_data();
   // Every output's sum runs over the same tile products in the same order in both arrangements.
   const int64_t per_item = many_rows ? 2 : kPanelBlocks;
-  ParallelFor(pool, (blocks + per_item - 1) / per_item, [=](int64_t item) {
+  jaxinfer::ParallelFor<TileScope>(pool, (blocks + per_item - 1) / per_item, [=](int64_t item) {
     const int64_t block0 = item * per_item, count = std::min(per_item, blocks - block0);
     if (many_rows) PanelProduct2x2(xp, m, kpad, wp, n, block0, count, yp);
     else PanelProduct(xp, m, kpad, wp, n, block0, count, yp);

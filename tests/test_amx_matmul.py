@@ -1,5 +1,5 @@
-"""The CPU's AMX matmul (``pallas_kernels.amx_matmul``) against its XLA reference, and the engine
-with weights packed for it.
+"""The CPU's AMX matmul (``pallas_kernels.amx_matmul``) against its XLA reference, the build of
+the CPU kernels (``cpu_native``), and the engine with weights packed for the matmul.
 
 The kernel tests need a CPU with AMX and a C++ compiler (this project's machines have both) and
 are skipped elsewhere; the packing and build-failure tests run anywhere.
@@ -14,9 +14,10 @@ from tiny_models import build_tiny
 from converters.loader import load_model
 from jaxinfer import LLM, SamplingParams
 from jaxinfer.home import jaxinfer_home
-from pallas_kernels import amx_matmul, dispatch
+from pallas_kernels import amx_matmul, cpu_native, dispatch
 
-needs_amx = pytest.mark.skipif(not amx_matmul.cpu_supports_amx(), reason="the CPU has no AMX")
+needs_amx = pytest.mark.skipif(not {"amx_tile", "amx_bf16", "avx512f"} <= cpu_native.cpu_flags(),
+                               reason="the CPU has no AMX")
 
 # (M, K, N): decode rows, SmolLM2's projections, prefill chunks; K and N off the tile sizes.
 SHAPES = [(1, 576, 960), (4, 64, 64), (16, 576, 1536), (17, 96, 200), (32, 1536, 576), (70, 33, 100),
@@ -32,7 +33,7 @@ def operands(m, k, n, seed=0):
 
 @pytest.fixture(scope="module")
 def enabled():
-    if not amx_matmul.enable(f"{jaxinfer_home()}/native"):
+    if not cpu_native.enable(f"{jaxinfer_home()}/native").amx_matmul:
         pytest.fail("the CPU has AMX but the kernel could not be built or enabled (see the log)")
 
 
@@ -74,9 +75,9 @@ def test_dispatch_runs_the_kernel_unless_an_implementation_is_forced(enabled):
     def lowered():  # a new function each time: jit would reuse an earlier trace of the same one
         return jax.jit(lambda a, b: amx_matmul.amx_matmul(a, b, 48)).lower(x, packed).as_text()
 
-    assert amx_matmul.TARGET in lowered()
+    assert cpu_native.AMX_MATMUL in lowered()
     with dispatch.use_implementation("reference"):
-        assert amx_matmul.TARGET not in lowered()
+        assert cpu_native.AMX_MATMUL not in lowered()
 
 
 def test_mismatched_packed_weights_are_refused():
@@ -88,7 +89,7 @@ def test_mismatched_packed_weights_are_refused():
 def test_failed_build_names_the_command_and_leaves_no_file(tmp_path, monkeypatch):
     monkeypatch.setenv("CXX", "false")
     with pytest.raises(RuntimeError, match="false .* failed"):
-        amx_matmul._build(str(tmp_path))
+        cpu_native.build(str(tmp_path))
     assert list(tmp_path.iterdir()) == []
 
 

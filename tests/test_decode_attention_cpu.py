@@ -1,0 +1,91 @@
+"""The CPU decode attention kernel (``pallas_kernels/decode_attention_cpu.cc``) against the jnp
+reference over a grid of shapes, and the dispatch point's choice. Needs AVX-512 (this project's
+machines have it); skipped elsewhere."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxinfer.home import jaxinfer_home
+from pallas_kernels import cpu_native, dispatch
+from pallas_kernels.decode_attention_cpu import decode_attention_cpu
+from pallas_kernels.paged_attention import paged_attention, paged_attention_reference
+from pallas_kernels.paged_kv import PagedKV
+
+pytestmark = pytest.mark.skipif(not {"avx512f", "avx512bw"} <= cpu_native.cpu_flags(), reason="no AVX-512")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def enabled():
+    if not cpu_native.enable(f"{jaxinfer_home()}/native").decode_attention:
+        pytest.fail("the CPU has AVX-512 but the kernels could not be built (see the log)")
+
+
+def make_case(rng, heads, kv_heads, head_dim, page_size, lens, num_pages=64):
+    """Scattered pages (a shuffled pool), block tables padded with the trash page 0."""
+    pages_per_seq = max(1, max(-(-n // page_size) for n in lens)) + 1
+    k = rng.standard_normal((num_pages, kv_heads, page_size, head_dim)).astype(np.float32)
+    v = rng.standard_normal((num_pages, kv_heads, page_size, head_dim)).astype(np.float32)
+    ids = rng.permutation(np.arange(1, num_pages))
+    tables = np.zeros((len(lens), pages_per_seq), np.int32)
+    used = 0
+    for row, n in enumerate(lens):
+        count = -(-n // page_size)
+        tables[row, :count] = ids[used:used + count]
+        used += count
+    q = rng.standard_normal((len(lens), 1, heads, head_dim)).astype(np.float32)
+    lens = np.asarray(lens, np.int32)
+    q_pos = np.maximum(lens - 1, 0)[:, None].astype(np.int32)
+    kv = PagedKV(jnp.asarray(k), jnp.asarray(v))
+    return jnp.asarray(q), kv, jnp.asarray(tables), jnp.asarray(lens), jnp.asarray(q_pos)
+
+
+# (heads, kv_heads, head_dim, page_size, context lengths (0: a padding row), sliding window)
+CASES = [
+    (9, 3, 64, 64, [1, 64, 65, 200], None),  # SmolLM2's heads
+    (8, 2, 16, 16, [9, 30, 0], None),
+    (4, 4, 80, 16, [17, 33, 5], None),  # head_dim off the vector width, no grouping
+    (2, 1, 128, 32, [100], None),
+    (8, 2, 16, 16, [40, 30, 3], 8),
+]
+
+
+@pytest.mark.parametrize("heads,kv_heads,head_dim,page_size,lens,window", CASES)
+def test_kernel_matches_reference(heads, kv_heads, head_dim, page_size, lens, window):
+    args = make_case(np.random.default_rng(len(lens) + head_dim), heads, kv_heads, head_dim, page_size, lens)
+    got = np.asarray(jax.jit(lambda *a: decode_attention_cpu(*a, scale=0.125, sliding_window=window))(*args))
+    want = np.asarray(paged_attention_reference(*args, scale=0.125, sliding_window=window))
+    assert np.isfinite(got).all()
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=2e-6)
+    assert not got[np.asarray(args[3]) == 0].any()  # padding rows give zeros
+
+
+def test_a_sequence_alone_gives_its_rows_in_a_batch():
+    q, kv, tables, lens, q_pos = make_case(np.random.default_rng(3), 9, 3, 64, 64, [70, 5, 190, 64])
+    full = np.asarray(decode_attention_cpu(q, kv, tables, lens, q_pos, scale=0.125))
+    for i in range(4):
+        alone = decode_attention_cpu(q[i:i + 1], kv, tables[i:i + 1], lens[i:i + 1], q_pos[i:i + 1], scale=0.125)
+        assert np.array_equal(np.asarray(alone), full[i:i + 1])
+
+
+def test_dispatch_point_runs_the_kernel_for_float_decode_only():
+    rng = np.random.default_rng(4)
+
+    def lowered(q_len, bits=0):
+        q, kv, tables, lens, q_pos = make_case(rng, 8, 2, 16, 16, [9, 30])
+        if q_len > 1:
+            q = jnp.repeat(q, q_len, axis=1)
+            q_pos = jnp.stack([lens - q_len + i for i in range(q_len)], axis=1)
+        if bits:
+            codes = jnp.zeros(kv.k.shape, jnp.uint8)
+            sz = jnp.ones((*kv.k.shape[:3], 2), jnp.float32)
+            kv = PagedKV(codes, codes, bits=8, k_scale_zero=sz, v_scale_zero=sz)
+        args = (q, kv, tables, lens, q_pos)
+        return jax.jit(lambda *a: paged_attention(*a, scale=0.25)).lower(*args).as_text()
+
+    assert cpu_native.DECODE_ATTENTION in lowered(1)
+    assert cpu_native.DECODE_ATTENTION not in lowered(4)  # prefill chunks: the reference
+    assert cpu_native.DECODE_ATTENTION not in lowered(1, bits=8)  # quantized pages: the reference
+    with dispatch.use_implementation("reference"):
+        assert cpu_native.DECODE_ATTENTION not in lowered(1)
