@@ -1,10 +1,12 @@
 """What parts of a decode step cost, measured by taking them out: SmolLM2-135M decode steps
-of the engine as shipped, side by side with two what-if variants of its model.
+of the engine as shipped, side by side with three what-if variants of it.
 
 - ``no attention``: paged attention replaced by a copy of the queries (KV writes, projections,
   MLP and LM head unchanged). Its step time is the engine's minus what attention costs, so
   ``engine - no attention`` is attention's share, measured rather than inferred by subtraction
   from matmul benchmarks. Its tokens are meaningless and not compared.
+- ``XLA attention``: jaxinfer's CPU decode attention kernel (``pallas_kernels/decode_attention_cpu.cc``)
+  off, so decode attention runs the jnp reference through XLA. Its tokens must equal the engine's.
 - ``gate/up fused``: each MLP's gate and up projections concatenated into one [576, 3072] matmul,
   as the engine already does for q/k/v. Its tokens must equal the engine's.
 
@@ -37,6 +39,26 @@ def no_attention() -> Iterator[None]:
         yield
     finally:
         model.paged_attention = original
+
+
+@contextlib.contextmanager
+def xla_attention() -> Iterator[None]:
+    """jaxinfer's CPU decode attention kernel off while a runner is built and traced: decode
+    attention runs the jnp reference through XLA, as without AVX-512."""
+    import dataclasses
+
+    from pallas_kernels import cpu_native
+
+    on = cpu_native.kernels()
+    off = dataclasses.replace(on, decode_attention=False)
+    original = cpu_native.enable
+    cpu_native.enable = lambda build_dir: off
+    cpu_native._kernels = off
+    try:
+        yield
+    finally:
+        cpu_native.enable = original
+        cpu_native._kernels = on
 
 
 def fused_gate_up_mlp():
@@ -112,6 +134,7 @@ def main() -> None:
     variants = {
         "engine": (loaded.params, contextlib.nullcontext),
         "no attention": (loaded.params, no_attention),
+        "XLA attention": (loaded.params, xla_attention),
         "gate/up fused": (fuse_gate_up_params(loaded.params, loaded.config.num_layers), gate_up_module),
     }
     engines = {}
@@ -124,14 +147,17 @@ def main() -> None:
                 engine.runner.warmup(progress=False)
         engines[name] = engine
 
-    rows = [("| batch | engine ms/step | no attention ms/step | attention's share | gate/up fused ms/step "
-             "| engine / gate/up fused | gate/up tokens equal |"), "|---:|---:|---:|---:|---:|---:|---|"]
+    rows = [("| batch | engine ms/step | no attention ms/step | attention's share | XLA attention ms/step "
+             "| XLA attention / engine | XLA attention tokens equal | gate/up fused ms/step "
+             "| engine / gate/up fused | gate/up tokens equal |"), "|---:|---:|---:|---:|---:|---:|---|---:|---:|---|"]
     for batch in batches:
         med, tokens = alternate(engines, prompt, batch, args.decode_tokens, args.repeats)
         share = (med["engine"] - med["no attention"]) / med["engine"]
-        same = "yes" if tokens["engine"] == tokens["gate/up fused"] else "**no**"
+        same = {k: "yes" if tokens["engine"] == tokens[k] else "**no**" for k in ("XLA attention", "gate/up fused")}
         rows.append(f"| {batch} | {med['engine']:.1f} | {med['no attention']:.1f} | {share:.0%} | "
-                    f"{med['gate/up fused']:.1f} | {med['engine'] / med['gate/up fused']:.2f}x | {same} |")
+                    f"{med['XLA attention']:.1f} | {med['XLA attention'] / med['engine']:.2f}x | "
+                    f"{same['XLA attention']} | {med['gate/up fused']:.1f} | "
+                    f"{med['engine'] / med['gate/up fused']:.2f}x | {same['gate/up fused']} |")
         print(rows[-1], flush=True)
     notes = [
         (f"- SmolLM2-135M {args.dtype} weights (embedded GGUF dequantized; AMX matmul kernel: "
@@ -141,7 +167,8 @@ def main() -> None:
          "all pure decode steps. attention's share = (engine - no attention) / engine."),
         f"- Load: before `{load_before}`; after `{load_average()}`.",
     ]
-    publish(f"Decode step breakdown: attention's share, gate/up fusion, SmolLM2-135M {args.dtype} weights", rows, notes,
+    publish(f"Decode step breakdown: attention's share, attention kernel, gate/up fusion, SmolLM2-135M {args.dtype} "
+            "weights", rows, notes,
             write=args.write_results)
 
 
