@@ -41,26 +41,6 @@ def no_attention() -> Iterator[None]:
         model.paged_attention = original
 
 
-@contextlib.contextmanager
-def xla_attention() -> Iterator[None]:
-    """jaxinfer's CPU decode attention kernel off while a runner is built and traced: decode
-    attention runs the jnp reference through XLA, as without AVX-512."""
-    import dataclasses
-
-    from pallas_kernels import cpu_native
-
-    on = cpu_native.kernels()
-    off = dataclasses.replace(on, decode_attention=False)
-    original = cpu_native.enable
-    cpu_native.enable = lambda build_dir: off
-    cpu_native._kernels = off
-    try:
-        yield
-    finally:
-        cpu_native.enable = original
-        cpu_native._kernels = on
-
-
 def fused_gate_up_mlp():
     """An MLP module with one ``gate_up_proj`` (gate's output columns, then up's)."""
     import flax.linen as nn
@@ -125,6 +105,7 @@ def main() -> None:
     from converters.loader import load_model
     from jaxinfer.llm import build_engine
     from jaxinfer.model_runner import ModelRunner
+    from pallas_kernels import cpu_native
 
     loaded = load_model(embedded_model_path(progress=False), jnp.dtype(args.dtype), progress=False)
     if loaded.config.weight_quant is not None or loaded.config.mlp_bias:
@@ -134,7 +115,7 @@ def main() -> None:
     variants = {
         "engine": (loaded.params, contextlib.nullcontext),
         "no attention": (loaded.params, no_attention),
-        "XLA attention": (loaded.params, xla_attention),
+        "XLA attention": (loaded.params, lambda: cpu_native.turned_off("decode_attention")),
         "gate/up fused": (fuse_gate_up_params(loaded.params, loaded.config.num_layers), gate_up_module),
     }
     engines = {}

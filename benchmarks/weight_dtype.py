@@ -62,7 +62,7 @@ def main() -> None:
     from converters.loader import load_model
     from jaxinfer.llm import build_engine
 
-    from pallas_kernels import dispatch
+    from pallas_kernels import cpu_native
 
     path = embedded_model_path(progress=False)
     loaded = {"float32": load_model(path, jnp.float32, progress=False),
@@ -74,8 +74,8 @@ def main() -> None:
                "session_len": max(args.prompt_tokens + args.decode_tokens, max_prefill) + 64}
     engines = {}
     for name, m in loaded.items():
-        if name == "bfloat16 XLA":  # kernels off: the weights stay unpacked, XLA's dots run
-            with dispatch.use_implementation("reference"):
+        if name == "bfloat16 XLA":  # the AMX kernel off: the weights stay unpacked, XLA's dots run
+            with cpu_native.turned_off("amx_matmul"):
                 engines[name] = build_engine(m, progress=False, **options)
         else:
             engines[name] = build_engine(m, progress=False, **options)
@@ -119,7 +119,8 @@ def main() -> None:
          f"request, {args.repeats} rounds per engine taking turns, median over all pure decode steps. Prefill: "
          f"median of {args.repeats} single-request prefill steps per engine, taking turns, after one untimed."),
         (f"- bfloat16 AMX: weights packed for `pallas_kernels.amx_matmul` (in use: "
-         f"{engines[amx].runner.amx}); bfloat16 XLA: built with `dispatch.use_implementation('reference')`."),
+         f"{engines[amx].runner.amx}); bfloat16 XLA: built with `cpu_native.turned_off('amx_matmul')`. CPU "
+         f"decode attention kernel in all three: {engines[f32].runner.kernels.decode_attention}."),
         (f"- Greedy tokens at batch 1: bfloat16 AMX vs float32 common prefix {agree}/{args.decode_tokens}; "
          f"bfloat16 AMX vs bfloat16 XLA identical: {first[amx] == first[xla]}."),
         f"- Load: before `{load_before}`; after `{load_average()}`.",

@@ -49,10 +49,10 @@ class ModelRunner:
         self.params = fuse_qkv_params(params, config) if fused_qkv else params
         self.buckets = buckets
         act = activation_dtype(dtype)
-        kernels = (cpu_native.enable(os.path.join(jaxinfer_home(), "native")) if dispatch.cpu_kernels()
-                   else cpu_native.CpuKernels())
+        self.kernels = (cpu_native.enable(os.path.join(jaxinfer_home(), "native")) if dispatch.cpu_kernels()
+                        else cpu_native.CpuKernels())
         # The CPU's bfloat16 mode: weights packed once for the AMX kernel, when it can run here.
-        self.amx = jnp.dtype(dtype) == jnp.bfloat16 and jnp.dtype(act) == jnp.float32 and kernels.amx_matmul
+        self.amx = jnp.dtype(dtype) == jnp.bfloat16 and jnp.dtype(act) == jnp.float32 and self.kernels.amx_matmul
         if self.amx:
             self.params = pack_linear_kernels(self.params)
         self.model = LlamaModel(config, act, fused_qkv)
@@ -62,7 +62,7 @@ class ModelRunner:
                                     jax.devices()[0])
         self._step = jax.jit(functools.partial(_model_step, self.model), donate_argnums=(1,))
         self._program = (f"model step: {config!r}, {jnp.dtype(dtype)} weights, {jnp.dtype(act)} activations, "
-                         f"fused_qkv={fused_qkv}, quant_policy={quant_policy}, amx={self.amx}, {kernels}")
+                         f"fused_qkv={fused_qkv}, quant_policy={quant_policy}, amx={self.amx}, {self.kernels}")
         self._exported_steps = exported_steps
         self._warm_steps: dict[tuple[int, int], Any] = {}  # bucket shape -> step loaded by warm-up
         self._no_history: dict[int, jax.Array] = {}  # per batch size: the all-padding history

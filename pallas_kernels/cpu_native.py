@@ -15,6 +15,7 @@ logs why and the engine keeps XLA's code.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import dataclasses
 import functools
@@ -24,6 +25,7 @@ import os
 import shutil
 import subprocess
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import jax
@@ -48,11 +50,27 @@ class CpuKernels:
 
 
 _kernels = CpuKernels()
+_off: frozenset[str] = frozenset()
 
 
 def kernels() -> CpuKernels:
-    """The kernels ``enable`` turned on (none before it ran)."""
-    return _kernels
+    """The kernels ``enable`` turned on (none before it ran), less those ``turned_off``."""
+    return dataclasses.replace(_kernels, **{name: False for name in _off})
+
+
+@contextlib.contextmanager
+def turned_off(*names: str) -> Iterator[None]:
+    """Inside the block the named kernels (``CpuKernels`` fields) are off: engines built and steps
+    traced there run XLA's code instead, for side-by-side comparisons."""
+    global _off
+    unknown = set(names) - {f.name for f in dataclasses.fields(CpuKernels)}
+    if unknown:
+        raise ValueError(f"unknown CPU kernels {sorted(unknown)}")
+    previous, _off = _off, _off | set(names)
+    try:
+        yield
+    finally:
+        _off = previous
 
 
 def cpu_flags() -> set[str]:
@@ -69,7 +87,7 @@ def enable(build_dir: str) -> CpuKernels:
     XLA, and turn them on; what is on, with the reason for what is not logged once."""
     global _kernels
     _kernels = _load(build_dir)
-    return _kernels
+    return kernels()
 
 
 @functools.cache

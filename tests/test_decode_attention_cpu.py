@@ -89,3 +89,9 @@ def test_dispatch_point_runs_the_kernel_for_float_decode_only():
     assert cpu_native.DECODE_ATTENTION not in lowered(1, bits=8)  # quantized pages: the reference
     with dispatch.use_implementation("reference"):
         assert cpu_native.DECODE_ATTENTION not in lowered(1)
+    with cpu_native.turned_off("decode_attention"):
+        assert cpu_native.DECODE_ATTENTION not in lowered(1)
+    assert cpu_native.DECODE_ATTENTION in lowered(1)
+    with pytest.raises(ValueError, match="unknown CPU kernels"):
+        with cpu_native.turned_off("attention"):
+            pass
