@@ -63,6 +63,13 @@ void StoreC(int tile, float* c) {
   }
 }
 
+void ZeroC() {
+  _tile_zero(0);
+  _tile_zero(1);
+  _tile_zero(2);
+  _tile_zero(3);
+}
+
 // Stores C tile `tile` (rows [r0, r0 + 16), column block `block`) into y.
 void StoreTile(int tile, float* c, int64_t r0, int64_t m, int64_t block, int64_t n, float* y) {
   StoreC(tile, c);
@@ -80,10 +87,7 @@ void PanelProduct(const uint16_t* xb, int64_t m, int64_t kpad, const uint32_t* w
   const uint32_t* panel = w + block0 * block_words;
   alignas(64) float c[kTileRows * kBlockCols];
   for (int64_t r0 = 0; r0 < m; r0 += kTileRows) {
-    _tile_zero(0);
-    _tile_zero(1);
-    _tile_zero(2);
-    _tile_zero(3);
+    ZeroC();
     for (int64_t k0 = 0; k0 < kpad; k0 += kTileK) {
       const uint32_t* b = panel + k0 / 2 * kBlockCols;
       _tile_loadd(4, xb + r0 * kpad + k0, kpad * 2);
@@ -114,10 +118,7 @@ void PanelProduct2x2(const uint16_t* xb, int64_t m, int64_t kpad, const uint32_t
   const uint32_t* panel = w + block0 * block_words;
   alignas(64) float c[kTileRows * kBlockCols];
   for (int64_t r0 = 0; r0 < m; r0 += 2 * kTileRows) {
-    _tile_zero(0);
-    _tile_zero(1);
-    _tile_zero(2);
-    _tile_zero(3);
+    ZeroC();
     for (int64_t k0 = 0; k0 < kpad; k0 += kTileK) {
       const uint32_t* b = panel + k0 / 2 * kBlockCols;
       _tile_loadd(4, xb + r0 * kpad + k0, kpad * 2);
