@@ -42,7 +42,7 @@ __m512 Exp(__m512 x) {
 }
 
 struct Shapes {
-  int64_t heads, kv_heads, group, head_dim, page_size, pages_per_seq;
+  int64_t heads, kv_heads, group, head_dim, page_size, pages_per_seq, num_pages;
 };
 
 void AttendGroup(const Shapes& s, const float* q, const float* k, const float* v, const int32_t* table, int32_t len,
@@ -50,7 +50,8 @@ void AttendGroup(const Shapes& s, const float* q, const float* k, const float* v
   const int64_t g_count = s.group, d = s.head_dim;
   const float* qg = q + kvh * g_count * d;
   float* og = out + kvh * g_count * d;
-  const int64_t hi = std::min<int64_t>(len, int64_t{q_pos} + 1);
+  // Never past the block table, whatever seq_lens says (the reference clamps its reads too).
+  const int64_t hi = std::min({int64_t{len}, int64_t{q_pos} + 1, s.pages_per_seq * s.page_size});
   const int64_t lo = window > 0 ? std::max<int64_t>(0, int64_t{q_pos} - window + 1) : 0;
   const int64_t n = hi - lo;
   if (len <= 0 || n <= 0) {  // padding row, or nothing visible: zeros, as the reference gives
@@ -61,7 +62,7 @@ void AttendGroup(const Shapes& s, const float* q, const float* k, const float* v
   scores.resize(g_count * n);
   acc.assign(g_count * d, 0.0f);
   auto row = [&](const float* pool, int64_t t) {
-    const int64_t page = table[t / s.page_size];
+    const int64_t page = std::clamp<int64_t>(table[t / s.page_size], 0, s.num_pages - 1);
     return pool + ((page * s.kv_heads + kvh) * s.page_size + t % s.page_size) * d;
   };
   // 16 keys at a time, with independent sums, so that the reductions overlap.
@@ -81,7 +82,8 @@ void AttendGroup(const Shapes& s, const float* q, const float* k, const float* v
       for (int64_t j = 0; j < keys; ++j) scores[g * n + (t0 - lo + j)] = _mm512_reduce_add_ps(acc[j]) * scale;
     }
   }
-  std::vector<float> total(g_count);
+  thread_local std::vector<float> total;
+  total.resize(g_count);
   for (int64_t g = 0; g < g_count; ++g) {
     float* sg = scores.data() + g * n;
     const float m = *std::max_element(sg, sg + n);
@@ -119,7 +121,7 @@ ffi::Error DecodeAttention(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::B
   const auto qd = q.dimensions(), kd = k.dimensions(), td = block_tables.dimensions();
   if (qd.size() != 3 || kd.size() != 4 || td.size() != 2 || kd[3] != qd[2] || qd[1] % kd[1] != 0 || td[0] != qd[0])
     return ffi::Error::InvalidArgument("jaxinfer_decode_attention: shapes do not match");
-  const Shapes s{qd[1], kd[1], qd[1] / kd[1], qd[2], kd[2], td[1]};
+  const Shapes s{qd[1], kd[1], qd[1] / kd[1], qd[2], kd[2], td[1], kd[0]};
   const float* qp = q.typed_data();
   const float* kp = k.typed_data();
   const float* vp = v.typed_data();
