@@ -38,7 +38,9 @@ HEADERS = (HERE / "cpu_parallel.h",)
 AMX_MATMUL = "jaxinfer_amx_matmul"
 DECODE_ATTENTION = "jaxinfer_decode_attention"
 TARGETS = (AMX_MATMUL, DECODE_ATTENTION)
-FLAGS = ("-O3", "-std=c++17", "-shared", "-fPIC", "-mavx512f", "-mavx512bw", "-mamx-tile", "-mamx-bf16", "-w")
+# GCC 12's own AVX-512 intrinsic headers trip -Wmaybe-uninitialized (a known false positive).
+FLAGS = ("-O3", "-std=c++17", "-shared", "-fPIC", "-mavx512f", "-mavx512bw", "-mamx-tile", "-mamx-bf16", "-Wall",
+         "-Wextra", "-Wno-maybe-uninitialized")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -128,7 +130,7 @@ def build(build_dir: str) -> str:
     os.makedirs(build_dir, exist_ok=True)
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=build_dir)
     os.close(fd)
-    cmd = [compiler, *FLAGS, f"-I{include}", f"-I{HERE}", *map(str, SOURCES), "-o", tmp]
+    cmd = [compiler, *FLAGS, "-isystem", include, f"-I{HERE}", *map(str, SOURCES), "-o", tmp]
     try:
         done = subprocess.run(cmd, capture_output=True, text=True)
         if done.returncode != 0:

@@ -27,7 +27,7 @@ void ParallelFor(xla::ffi::ThreadPool& pool, int64_t items, Fn fn) {
   auto state = std::make_shared<State>();
   auto work = [state, items, fn]() {
     if (state->next.load(std::memory_order_relaxed) >= items) return;
-    ThreadSetup setup;
+    [[maybe_unused]] ThreadSetup setup;
     for (int64_t i; (i = state->next.fetch_add(1)) < items;) {
       fn(i);
       state->done.fetch_add(1, std::memory_order_release);
