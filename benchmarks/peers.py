@@ -1,7 +1,8 @@
 """The peers that ``throughput.py`` measures jaxinfer against, on the same weights and prompts.
 
-- ``write_f32_gguf``: an F32 GGUF holding exactly the weights of the embedded Q4_1 GGUF (every
-  tensor dequantized with ``gguf.quants.dequantize``; all metadata copied), for llama.cpp.
+- ``write_dense_gguf``: an F32 GGUF holding exactly the weights of the embedded Q4_1 GGUF (every
+  tensor dequantized with ``gguf.quants.dequantize``; all metadata copied), for llama.cpp; or a
+  BF16 one, the same matrices rounded to bfloat16.
 - ``LlamaCppPeer``: llama.cpp through ``llama-cpp-python`` (``make bench`` installs it), batch 1.
 - ``TransformersPeer``: ``transformers`` batched greedy ``generate`` in float32 on the GGUF.
 
@@ -41,8 +42,10 @@ def dense_gguf_path(src: str, dtype: str = "F32") -> str:
     return os.path.join(jaxinfer_home(), "bench", f"{stem}.{dtype}.gguf")
 
 
-def write_f32_gguf(src_gguf: str, out_path: str | None = None, overwrite: bool = False, dtype: str = "F32") -> str:
-    """Write (once; cached under ``$JAXINFER_HOME/bench``) ``src_gguf`` with every tensor in F32.
+def write_dense_gguf(src_gguf: str, out_path: str | None = None, overwrite: bool = False,
+                     dtype: str = "F32") -> str:
+    """Write (once; cached under ``$JAXINFER_HOME/bench``) ``src_gguf`` with every tensor in F32
+    (or, ``dtype="BF16"``, every matrix in BF16).
 
     Same tensor names, order and ggml shapes; every metadata key/value copied (tokenizer arrays,
     chat template, ...) except ``general.file_type``, set to ``ALL_F32`` (0). The values are the

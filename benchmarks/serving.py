@@ -18,7 +18,7 @@ Servers (``--servers``), each started by this script on a free local port and st
   - ``llama-f32`` / ``llama-bf16`` / ``llama-q4_1``: ``llama-server -m <GGUF> --parallel C --cont-batching -c
     C*(input + output + 16) -t 2 -tb 2``, restarted for every C, built once from the llama.cpp
     vendored in the ``llama-cpp-python`` 0.3.36 sdist (``peers.build_llama_server``). F32: the
-    embedded Q4_1 GGUF with every tensor dequantized (``peers.write_f32_gguf``: the same numbers as
+    embedded Q4_1 GGUF with every tensor dequantized (``peers.write_dense_gguf``: the same numbers as
     jaxinfer's float32 weights); BF16: the same with the matrices rounded to bfloat16 (what
     ``--dtype bfloat16`` gives jaxinfer: the like-for-like peer of ``jaxinfer-bf16``); Q4_1: the
     embedded file itself. On a CPU with AMX, llama.cpp's AMX
@@ -662,9 +662,9 @@ def main() -> None:
     binary = None
     q4_path = embedded_model_gguf()
     if "llama-f32" in servers:
-        ggufs["llama-f32"] = peers.write_f32_gguf(q4_path)
+        ggufs["llama-f32"] = peers.write_dense_gguf(q4_path)
     if "llama-bf16" in servers:
-        ggufs["llama-bf16"] = peers.write_f32_gguf(q4_path, dtype="BF16")
+        ggufs["llama-bf16"] = peers.write_dense_gguf(q4_path, dtype="BF16")
     if "llama-q4_1" in servers:
         ggufs["llama-q4_1"] = q4_path
     if ggufs:
@@ -806,8 +806,8 @@ def main() -> None:
             f"{args.llama_parallel or 'C'}: "
             + "; ".join(f"`{cmd}`" for cmd in commands.values() if cmd.startswith("llama-server"))
             + " (the commands of the last level). F32 GGUF: the embedded Q4_1 file with every tensor dequantized "
-            "(`peers.write_f32_gguf`, the same values as jaxinfer's float32 weights); BF16 GGUF: the same with its "
-            "matrices rounded to bfloat16 (`write_f32_gguf(dtype='BF16')`), norms F32."
+            "(`peers.write_dense_gguf`, the same values as jaxinfer's float32 weights); BF16 GGUF: the same with its "
+            "matrices rounded to bfloat16 (`write_dense_gguf(dtype='BF16')`), norms F32."
         )
         for name in ggufs:
             notes.append(f"- {LABELS[name]}: {repack_notes[name]}.")

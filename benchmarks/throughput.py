@@ -7,7 +7,7 @@ text (``pydoc_data.topics``, tokenized with the model's tokenizer); batch B uses
 windows, the same for every engine. All engines run in this one process on the same weights: the
 embedded Q4_1 GGUF, dequantized to float32 (jaxinfer through its converter, transformers through
 ``from_pretrained(gguf_file=...)``, llama.cpp from an F32 GGUF written from it with the ``gguf``
-package's writer, ``peers.write_f32_gguf``), and llama.cpp on the Q4_1 file itself too.
+package's writer, ``peers.write_dense_gguf``), and llama.cpp on the Q4_1 file itself too.
 
 Engines:
   - jaxinfer: one ``LLMEngine`` (``max_batch_size`` = the largest batch, ``session_len`` = input +
@@ -356,7 +356,7 @@ def main() -> None:
     llama_notes: list[str] = []
     if not args.skip_llamacpp:
         t = time.perf_counter()
-        f32_path = peers.write_f32_gguf(q4_path)
+        f32_path = peers.write_dense_gguf(q4_path)
         f32_note = peers.check_f32_gguf(q4_path, f32_path)
         print(f"F32 GGUF {f32_path} ready in {time.perf_counter() - t:.1f} s: {f32_note}", flush=True)
         n_ctx = n_in + n_out + 16
