@@ -116,7 +116,8 @@ def _load(build_dir: str) -> CpuKernels:
 
 def build(build_dir: str) -> str:
     """Path of the shared library for these sources and this JAX, compiled if missing (atomically:
-    a concurrent or interrupted build never leaves a partial file under the final name)."""
+    a concurrent or interrupted build never leaves a partial file under the final name); a new
+    build removes the libraries of earlier sources."""
     include = jax.ffi.include_dir()
     h = hashlib.sha256(" ".join(FLAGS).encode() + include.encode() + jax.__version__.encode())
     for path in (*SOURCES, *HEADERS):
@@ -136,6 +137,9 @@ def build(build_dir: str) -> str:
         if done.returncode != 0:
             raise RuntimeError(f"{' '.join(cmd)} failed:\n{done.stderr[-2000:]}")
         os.replace(tmp, path)
+        for old in Path(build_dir).glob("jaxinfer_cpu-*.so"):  # earlier sources' builds
+            if str(old) != path:
+                old.unlink(missing_ok=True)
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)

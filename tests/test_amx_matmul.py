@@ -86,6 +86,14 @@ def test_mismatched_packed_weights_are_refused():
         amx_matmul.amx_matmul(x, amx_matmul.pack(w), 20)
 
 
+def test_a_build_replaces_earlier_builds(tmp_path):
+    stale = tmp_path / "jaxinfer_cpu-0123456789abcdef.so"
+    stale.write_bytes(b"an earlier source's library")
+    built = cpu_native.build(str(tmp_path))
+    assert [p.name for p in tmp_path.iterdir()] == [built.rsplit("/", 1)[-1]]
+    assert cpu_native.build(str(tmp_path)) == built  # found, not rebuilt
+
+
 def test_failed_build_names_the_command_and_leaves_no_file(tmp_path, monkeypatch):
     monkeypatch.setenv("CXX", "false")
     with pytest.raises(RuntimeError, match="false .* failed"):
