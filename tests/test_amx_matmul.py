@@ -58,6 +58,37 @@ def test_kernel_matches_reference(enabled, m, k, n):
         np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
 
 
+def rounding_cases(m, k, seed=0):
+    """x whose rounding to bfloat16 is delicate: exact ties (to even, both ways), values just off
+    them, subnormals, magnitudes near float32's limits; random signs."""
+    rng = np.random.default_rng(seed)
+    base = rng.choice(np.array([1 + 2**-8, 1 + 3 * 2**-8, 1 + 2**-8 + 2**-20, 1 + 2**-9, 1.5, 1e-39, 3e-41,
+                                3.3e38, 1.2e-38, 7.0], np.float32), size=(m, k))
+    return jnp.asarray(base * rng.choice(np.array([-1, 1], np.float32), size=(m, k)))
+
+
+@needs_amx
+def test_input_rounding_is_xlas(enabled):
+    """The kernel rounds x to bfloat16 itself, 16 values at a time; through an identity weight any
+    difference from XLA's convert (ties, the tail of a row) shows in the products."""
+    m, k = 5, 67  # 67: a masked tail of 3 values after four full vectors
+    x = rounding_cases(m, k)
+    eye = jnp.eye(k, 96, dtype=jnp.bfloat16)
+    got = np.asarray(amx_matmul.amx_matmul_kernel(x, amx_matmul.pack(eye), 96))
+    want = np.asarray(amx_matmul.amx_matmul_reference(x, amx_matmul.pack(eye), 96))
+    assert np.array_equal(got, want)
+    normal = np.abs(np.asarray(x)) >= np.finfo(np.float32).tiny  # AMX's products flush subnormals
+    rounded = np.asarray(x.astype(jnp.bfloat16).astype(jnp.float32))
+    assert np.array_equal(got[:, :k][normal], rounded[normal])
+
+
+@needs_amx
+def test_nan_stays_in_its_row(enabled):
+    x, w = operands(3, 64, 32)
+    y = np.asarray(amx_matmul.amx_matmul_kernel(x.at[1, 5].set(jnp.nan), amx_matmul.pack(w), 32))
+    assert np.isnan(y[1]).all() and np.isfinite(y[[0, 2]]).all()
+
+
 @needs_amx
 def test_rows_do_not_depend_on_the_batch(enabled):
     x, w = operands(40, 576, 960, seed=1)
