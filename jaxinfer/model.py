@@ -66,7 +66,7 @@ class Linear(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         n_in = x.shape[-1]
-        if self.quant is None and self.has_variable("params", "amx_kernel"):  # pack_linear_kernels
+        if self.quant is None and self.has_variable("params", "amx_kernel"):  # pack_amx_weights
             lead = x.shape[:-1]
             packed = self.get_variable("params", "amx_kernel")
             y = amx_matmul(x.reshape(-1, n_in), packed, self.features).reshape(*lead, self.features)
@@ -215,7 +215,12 @@ class LlamaModel(nn.Module):
 
     def logits(self, hidden: jax.Array) -> jax.Array:
         """hidden ``[..., embed]`` -> float32 logits ``[..., vocab]``."""
-        if self.config.tie_word_embeddings:
+        c = self.config
+        if c.tie_word_embeddings and self.has_variable("params", "amx_lm_head"):  # pack_amx_weights
+            packed = self.get_variable("params", "amx_lm_head")
+            out = amx_matmul(hidden.reshape(-1, c.hidden_size), packed, c.vocab_size)
+            out = out.reshape(*hidden.shape[:-1], c.vocab_size)
+        elif c.tie_word_embeddings:
             # Contract against the [vocab, embed] table directly: 2x faster than using its transpose.
             out = _dot(hidden, self.embed_tokens, 1)
         else:
@@ -223,10 +228,19 @@ class LlamaModel(nn.Module):
         return out.astype(jnp.float32)
 
 
-def pack_linear_kernels(params: Any) -> Any:
+def pack_amx_weights(params: Any, config: ModelConfig) -> Any:
     """``params`` with every bfloat16 linear ``kernel`` replaced by ``amx_kernel``, the same weight
     in ``pallas_kernels.amx_matmul``'s packed format, which ``Linear`` then multiplies with the
-    AMX kernel (float32 activations only: the CPU's bfloat16 mode)."""
+    AMX kernel (float32 activations only: the CPU's bfloat16 mode). A tied bfloat16 embedding
+    also gets ``amx_lm_head``, its transpose packed for ``logits``; the table stays for lookups."""
+    out = _pack_linear_kernels(params)
+    embed = params["embed_tokens"]
+    if config.tie_word_embeddings and embed.dtype == jnp.bfloat16:
+        out["amx_lm_head"] = amx_pack(embed.T)
+    return out
+
+
+def _pack_linear_kernels(params: Any) -> Any:
     if not isinstance(params, Mapping):
         return params
     out = {}
@@ -234,7 +248,7 @@ def pack_linear_kernels(params: Any) -> Any:
         if name == "kernel" and getattr(value, "ndim", 0) == 2 and value.dtype == jnp.bfloat16:
             out["amx_kernel"] = amx_pack(value)
         else:
-            out[name] = pack_linear_kernels(value)
+            out[name] = _pack_linear_kernels(value)
     return out
 
 

@@ -22,7 +22,7 @@ from jaxinfer.config import ModelConfig, activation_dtype
 from jaxinfer.exported_steps import can_export, load_or_export
 from jaxinfer.kv_cache import AttentionMetadata, KVCache
 from jaxinfer.home import jaxinfer_home
-from jaxinfer.model import LlamaModel, fuse_qkv_params, pack_linear_kernels
+from jaxinfer.model import LlamaModel, fuse_qkv_params, pack_amx_weights
 from jaxinfer.sampler import SampleOutput, SamplingTensors, sample
 from pallas_kernels import cpu_native, dispatch
 
@@ -54,7 +54,7 @@ class ModelRunner:
         # The CPU's bfloat16 mode: weights packed once for the AMX kernel, when it can run here.
         self.amx = jnp.dtype(dtype) == jnp.bfloat16 and jnp.dtype(act) == jnp.float32 and self.kernels.amx_matmul
         if self.amx:
-            self.params = pack_linear_kernels(self.params)
+            self.params = pack_amx_weights(self.params, config)
         self.model = LlamaModel(config, act, fused_qkv)
         # Committed to its device, as every step's output cache is: the first step then runs the
         # program warm-up prepared for it instead of tracing one for an uncommitted cache.

@@ -133,9 +133,10 @@ def test_failed_build_names_the_command_and_leaves_no_file(tmp_path, monkeypatch
 
 
 @needs_amx
-def test_engine_packs_weights_and_gives_the_xla_dots_tokens(tmp_path):
+@pytest.mark.parametrize("family", ["llama", "llama_tied"])
+def test_engine_packs_weights_and_gives_the_xla_dots_tokens(tmp_path, family):
     path = str(tmp_path / "tiny")
-    build_tiny("llama", path, seed=4)
+    build_tiny(family, path, seed=4)
     options = dict(progress=False, max_batch_size=4, max_prefill_tokens=32, cache_block_seq_len=16,
                    cache_max_entry_count=64)
     greedy = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True)
@@ -153,6 +154,7 @@ def test_engine_packs_weights_and_gives_the_xla_dots_tokens(tmp_path):
     kernels = jax.tree_util.tree_flatten_with_path(amx.engine.runner.params)[0]
     assert any("amx_kernel" in jax.tree_util.keystr(p) for p, _ in kernels)
     assert not any("'kernel'" in jax.tree_util.keystr(p) for p, _ in kernels)
+    assert ("amx_lm_head" in amx.engine.runner.params) == (family == "llama_tied")  # the tied LM head
     assert tokens(amx) == want
     again = LLM(load_model(path, jnp.bfloat16, progress=False), **options)  # steps saved by the first
     assert tokens(again) == want
