@@ -30,7 +30,7 @@ from converters.calibration import calibration_tokens, pydoc_text
 from converters.checkpoint import atomic_output_dir, is_converted_dir, write_checkpoint
 from converters.convert import embedded_model_gguf, embedded_model_path
 from converters.loader import load_model
-from jaxinfer.config import activation_dtype
+from jaxinfer.config import activation_dtype, kv_cache_dtype
 from jaxinfer.home import jaxinfer_home
 from jaxinfer.kv_cache import KVCache
 from jaxinfer.perplexity import perplexity
@@ -106,7 +106,7 @@ def main() -> None:
         linears = linear_bytes(m.params)
         if name == "bfloat16":
             bf16_linear = linears
-        kv = KVCache.bytes_per_token(m.config, activation_dtype(dtype), policy)
+        kv = KVCache.bytes_per_token(m.config, kv_cache_dtype(dtype), policy)
         results.append((name, ppl.value, weights, linears, kv, seconds))
         print(f"{name:55s} ppl {ppl.value:8.4f}  weights {weights / 1e6:7.1f} MB  linears {linears / 1e6:7.1f} MB  "
               f"KV {kv} B/token  ({seconds:.0f} s)", flush=True)
@@ -145,9 +145,10 @@ def main() -> None:
         f"- AWQ: `--search-scale`, calibration {args.calib_samples} x {args.calib_seqlen} tokens of the calibration "
         f"part (LMDeploy's defaults are 128 x 2048; this CPU run uses fewer). GGUF Q4_1 direct: the file's own "
         f"codes, scales and minimums (`--keep-quantized`), bit-exact to the `gguf` package's dequantization."),
-        f"- bfloat16: every weight rounded to bfloat16; activations and the KV cache are "
+        f"- bfloat16: every weight rounded to bfloat16; activations are "
         f"{jax.numpy.dtype(activation_dtype(ml_dtypes.bfloat16)).name} on this backend "
-        f"({jax.default_backend()}; `jaxinfer.config.activation_dtype`).",
+        f"({jax.default_backend()}; `jaxinfer.config.activation_dtype`), the KV cache "
+        f"{jax.numpy.dtype(kv_cache_dtype(ml_dtypes.bfloat16)).name} (`kv_cache_dtype`'s auto).",
         f"- Load: before `{load_before}`; after `{load_average()}`. Whole run {(time.perf_counter() - t_start) / 60:.1f} min.",
     ]
     publish("Quantization quality and memory, SmolLM2-135M-Instruct", table, notes, write=args.write_results)

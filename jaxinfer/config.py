@@ -24,11 +24,27 @@ def default_dtype():
 
 
 def activation_dtype(weight_dtype):
-    """The dtype of activations and KV cache for weights stored in ``weight_dtype``: the same on
-    GPU; float32 on CPU, where XLA's elementwise bfloat16 runs several times slower than float32
-    but its bfloat16 dots run faster: bfloat16 weights there meet float32 activations only
-    inside matmuls, as llama.cpp's BF16 tensors do."""
+    """The dtype of activations for weights stored in ``weight_dtype``: the same on GPU; float32
+    on CPU, where XLA's elementwise bfloat16 runs several times slower than float32 but its
+    bfloat16 dots run faster: bfloat16 weights there meet float32 activations only inside
+    matmuls, as llama.cpp's BF16 tensors do."""
     return jnp.float32 if jax.default_backend() == "cpu" else jnp.dtype(weight_dtype)
+
+
+KV_CACHE_DTYPES = ("auto", "float32", "bfloat16")
+
+
+def kv_cache_dtype(weight_dtype, choice: str = "auto"):
+    """The dtype of unquantized K/V pages: ``choice``, or for ``"auto"`` the weights' dtype (as
+    vLLM's ``--kv-cache-dtype auto``) when it is float32 or bfloat16, else the activations'. On
+    CPU, bfloat16 weights so get bfloat16 pages under float32 activations: half the bytes that
+    decode attention reads, widened to float32 as they are read."""
+    if choice not in KV_CACHE_DTYPES:
+        raise ValueError(f"kv_cache_dtype must be one of {KV_CACHE_DTYPES}, got {choice!r}")
+    if choice != "auto":
+        return jnp.dtype(choice)
+    weights = jnp.dtype(weight_dtype)
+    return weights if weights in (jnp.float32, jnp.bfloat16) else jnp.dtype(activation_dtype(weight_dtype))
 
 
 @dataclass(frozen=True)

@@ -15,7 +15,7 @@ from typing import Any, Sequence as Seq
 from jaxinfer.block_manager import BlockManager
 from jaxinfer.buckets import MAX_EOS_IDS, Buckets, StepRow
 from jaxinfer.compilation import enable_persistent_cache, install_counter
-from jaxinfer.config import ModelConfig, activation_dtype
+from jaxinfer.config import ModelConfig, kv_cache_dtype
 from jaxinfer.detokenizer import IncrementalDetokenizer
 from jaxinfer.engine_config import EngineConfig
 from jaxinfer.exported_steps import exported_steps_dir
@@ -67,8 +67,9 @@ class LLMEngine:
         install_counter()
         enable_persistent_cache()
         page_size = engine_config.cache_block_seq_len
+        kv_dtype = kv_cache_dtype(dtype, engine_config.kv_cache_dtype)
         self.cache_plan = plan_cache(
-            model_config, activation_dtype(dtype), page_size, engine_config.cache_max_entry_count,
+            model_config, kv_dtype, page_size, engine_config.cache_max_entry_count,
             self.session_len, engine_config.max_batch_size, engine_config.quant_policy,
         )
         logger.info(self.cache_plan.explanation)
@@ -78,7 +79,7 @@ class LLMEngine:
         )
         self.runner = ModelRunner(
             model_config, params, dtype, self.buckets, self.cache_plan.num_pages, engine_config.quant_policy,
-            exported_steps=exported_steps_dir(),
+            kv_dtype=kv_dtype, exported_steps=exported_steps_dir(),
         )
         if self.runner.amx:
             logger.info("bfloat16 weights: packed for the CPU's AMX matmul kernel (pallas_kernels.amx_matmul)")

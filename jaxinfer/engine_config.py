@@ -10,6 +10,8 @@ import argparse
 import dataclasses
 from dataclasses import dataclass, field
 
+from jaxinfer.config import KV_CACHE_DTYPES
+
 
 def _opt(default, help: str):
     return field(default=default, metadata={"help": help})
@@ -40,6 +42,8 @@ class EngineConfig:
     session_len: int | None = _opt(None, "longest sequence (prompt + output); default: the model's context length")
     enable_prefix_caching: bool = _opt(False, "share KV pages between requests with a common prefix")
     quant_policy: int = _opt(0, "KV cache quantization: 0 (off), 8 (int8) or 4 (int4), per token per head")
+    kv_cache_dtype: str = _opt("auto", "dtype of the KV cache when not quantized: auto (the weights' dtype), "
+                                       "float32 or bfloat16")
 
     def __post_init__(self):
         object.__setattr__(self, "cache_max_entry_count", parse_cache_max_entry_count(self.cache_max_entry_count))
@@ -48,6 +52,8 @@ class EngineConfig:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.quant_policy not in (0, 4, 8):
             raise ValueError(f"quant_policy must be 0, 4 or 8, got {self.quant_policy}")
+        if self.kv_cache_dtype not in KV_CACHE_DTYPES:
+            raise ValueError(f"kv_cache_dtype must be one of {KV_CACHE_DTYPES}, got {self.kv_cache_dtype!r}")
         if self.session_len is not None and self.session_len < 2:
             raise ValueError(f"session_len must be >= 2, got {self.session_len}")
 
@@ -69,5 +75,7 @@ def add_engine_args(parser: argparse.ArgumentParser, **defaults) -> None:
             group.add_argument(flag, type=parse_cache_max_entry_count, default=default, help=help_text)
         elif f.name == "quant_policy":
             group.add_argument(flag, type=int, choices=(0, 4, 8), default=default, help=help_text)
+        elif f.name == "kv_cache_dtype":
+            group.add_argument(flag, choices=KV_CACHE_DTYPES, default=default, help=help_text)
         else:
             group.add_argument(flag, type=int, default=default, help=help_text)

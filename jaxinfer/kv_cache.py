@@ -19,6 +19,8 @@ import jax
 import jax.numpy as jnp
 
 from jaxinfer.config import ModelConfig
+from pallas_kernels import cpu_native, dispatch
+from pallas_kernels.kv_write_cpu import kv_write_cpu
 from pallas_kernels.paged_kv import PagedKV, quantize_kv
 
 TRASH_PAGE = 0
@@ -89,6 +91,8 @@ class AttentionMetadata:
 def _scatter(pool: jax.Array, slots: jax.Array, values: jax.Array) -> jax.Array:
     """``pool[page, :, offset] = values`` for each flat slot; ``values`` ``[tokens, kv_heads, ...]``."""
     page_size = pool.shape[2]
+    if pool.dtype == jnp.bfloat16 and dispatch.cpu_kernels() and cpu_native.kernels().kv_write:
+        return kv_write_cpu(pool, slots, values)
     return pool.at[slots // page_size, :, slots % page_size].set(values, mode="promise_in_bounds")
 
 

@@ -18,7 +18,7 @@ import jax.numpy as jnp
 from tqdm.auto import tqdm
 
 from jaxinfer.buckets import Buckets, StepArrays, StepRow
-from jaxinfer.config import ModelConfig, activation_dtype
+from jaxinfer.config import ModelConfig, activation_dtype, kv_cache_dtype
 from jaxinfer.exported_steps import can_export, load_or_export
 from jaxinfer.kv_cache import AttentionMetadata, KVCache
 from jaxinfer.home import jaxinfer_home
@@ -37,11 +37,12 @@ def _model_step(model: LlamaModel, params, cache: KVCache, tokens, meta: Attenti
 
 class ModelRunner:
     def __init__(self, config: ModelConfig, params: Any, dtype, buckets: Buckets, num_pages: int, quant_policy: int = 0,
-                 fused_qkv: bool = True, exported_steps: str | None = None):
+                 fused_qkv: bool = True, exported_steps: str | None = None, kv_dtype=None):
         """``params``: the canonical tree. The runner keeps it with q/k/v fused (one larger matmul
         instead of three small ones) unless ``fused_qkv`` is False. ``exported_steps``: a directory
         where warm-up loads and saves each bucket's traced step; None traces them in process.
-        ``dtype``: the weights' (``activation_dtype`` gives the activations' and the cache's).
+        ``dtype``: the weights' (``activation_dtype`` gives the activations'); ``kv_dtype``: the
+        unquantized cache's, by default ``kv_cache_dtype(dtype)``.
         On CPU it turns on jaxinfer's CPU kernels (``pallas_kernels.cpu_native``), and bfloat16
         weights under float32 activations are packed for the AMX kernel when it can run
         (``self.amx``)."""
@@ -56,13 +57,15 @@ class ModelRunner:
         if self.amx:
             self.params = pack_amx_weights(self.params, config)
         self.model = LlamaModel(config, act, fused_qkv)
+        kv_dtype = jnp.dtype(kv_dtype or kv_cache_dtype(dtype))
         # Committed to its device, as every step's output cache is: the first step then runs the
         # program warm-up prepared for it instead of tracing one for an uncommitted cache.
-        self.cache = jax.device_put(KVCache.allocate(config, num_pages, buckets.page_size, act, quant_policy),
+        self.cache = jax.device_put(KVCache.allocate(config, num_pages, buckets.page_size, kv_dtype, quant_policy),
                                     jax.devices()[0])
         self._step = jax.jit(functools.partial(_model_step, self.model), donate_argnums=(1,))
         self._program = (f"model step: {config!r}, {jnp.dtype(dtype)} weights, {jnp.dtype(act)} activations, "
-                         f"fused_qkv={fused_qkv}, quant_policy={quant_policy}, amx={self.amx}, {self.kernels}")
+                         f"{kv_dtype} KV cache, fused_qkv={fused_qkv}, quant_policy={quant_policy}, amx={self.amx}, "
+                         f"{self.kernels}")
         self._exported_steps = exported_steps
         self._warm_steps: dict[tuple[int, int], Any] = {}  # bucket shape -> step loaded by warm-up
         self._no_history: dict[int, jax.Array] = {}  # per batch size: the all-padding history

@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxinfer.config import ModelConfig, activation_dtype
+from jaxinfer.config import ModelConfig, activation_dtype, kv_cache_dtype
 from jaxinfer.kv_cache import TRASH_PAGE, AttentionMetadata, KVCache
 from jaxinfer.model import LlamaModel, fuse_qkv_params
 
@@ -40,7 +40,8 @@ def sequence_logits(config: ModelConfig, params: Any, sequences: Sequence[Sequen
                     quant_policy: int = 0, fused_qkv: bool = False) -> list[np.ndarray]:
     """Float32 logits ``[len_i, vocab]`` of each sequence, all run as one padded batch in a
     throwaway cache (one page per row, as long as the longest sequence; K/V quantized as
-    ``quant_policy`` says, so its effect is in the logits). ``params`` is the canonical tree; with
+    ``quant_policy`` says, else in ``kv_cache_dtype(dtype)``, as the engine keeps them by default,
+    so their effect is in the logits). ``params`` is the canonical tree; with
     ``fused_qkv`` the model runs it as the engine does, q/k/v fused."""
     length = max(len(s) for s in sequences)
     tokens = np.zeros((len(sequences), length), np.int32)
@@ -48,7 +49,7 @@ def sequence_logits(config: ModelConfig, params: Any, sequences: Sequence[Sequen
         tokens[i, : len(s)] = s
     meta = contiguous_metadata([len(s) for s in sequences], length)
     act = activation_dtype(dtype)
-    cache = KVCache.allocate(config, len(sequences) + 1, length, act, quant_policy)
+    cache = KVCache.allocate(config, len(sequences) + 1, length, kv_cache_dtype(dtype), quant_policy)
     if fused_qkv:
         params = fuse_qkv_params(params, config)
     logits = np.asarray(_all_logits(LlamaModel(config, act, fused_qkv), params, tokens, meta, cache))

@@ -1,4 +1,4 @@
-// Decode attention (one query token per sequence) over float32 KV pages, on CPU with AVX-512:
+// Decode attention (one query token per sequence) over float32 or bfloat16 KV pages, on CPU with AVX-512:
 // what paged_attention_reference computes for q_len == 1, reading each visible key and value
 // straight from its page instead of gathering the pages into a copy first.
 //
@@ -23,6 +23,12 @@ namespace {
 
 __mmask16 Lanes(int64_t n) { return n >= 16 ? 0xffff : static_cast<__mmask16>((1u << n) - 1); }
 
+// Up to 16 K or V values widened to float32 (a bfloat16 is the top half of a float32).
+__m512 Load(__mmask16 mask, const float* p) { return _mm512_maskz_loadu_ps(mask, p); }
+__m512 Load(__mmask16 mask, const uint16_t* p) {
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(mask, p)), 16));
+}
+
 // e^x for x <= 0 (scores minus their maximum): 2^n * p(r), r = x - n ln 2 in [-ln2/2, ln2/2],
 // p the degree-6 Taylor polynomial; relative error below 2e-7.
 __m512 Exp(__m512 x) {
@@ -45,7 +51,8 @@ struct Shapes {
   int64_t heads, kv_heads, group, head_dim, page_size, pages_per_seq, num_pages;
 };
 
-void AttendGroup(const Shapes& s, const float* q, const float* k, const float* v, const int32_t* table, int32_t len,
+template <typename T>  // the pages' element: float, or uint16_t holding a bfloat16
+void AttendGroup(const Shapes& s, const float* q, const T* k, const T* v, const int32_t* table, int32_t len,
                  int32_t q_pos, int64_t kvh, float scale, int64_t window, float* out) {
   const int64_t g_count = s.group, d = s.head_dim;
   const float* qg = q + kvh * g_count * d;
@@ -61,14 +68,14 @@ void AttendGroup(const Shapes& s, const float* q, const float* k, const float* v
   thread_local std::vector<float> scores, acc;
   scores.resize(g_count * n);
   acc.assign(g_count * d, 0.0f);
-  auto row = [&](const float* pool, int64_t t) {
+  auto row = [&](const T* pool, int64_t t) {
     const int64_t page = std::clamp<int64_t>(table[t / s.page_size], 0, s.num_pages - 1);
     return pool + ((page * s.kv_heads + kvh) * s.page_size + t % s.page_size) * d;
   };
   // 16 keys at a time, with independent sums, so that the reductions overlap.
   for (int64_t t0 = lo; t0 < hi; t0 += 16) {
     const int64_t keys = std::min<int64_t>(16, hi - t0);
-    const float* kr[16];
+    const T* kr[16];
     for (int64_t j = 0; j < keys; ++j) kr[j] = row(k, t0 + j);
     for (int64_t g = 0; g < g_count; ++g) {
       const float* qh = qg + g * d;
@@ -77,7 +84,7 @@ void AttendGroup(const Shapes& s, const float* q, const float* k, const float* v
       for (int64_t i = 0; i < d; i += 16) {
         const __mmask16 mask = Lanes(d - i);
         const __m512 qv = _mm512_maskz_loadu_ps(mask, qh + i);
-        for (int64_t j = 0; j < keys; ++j) acc[j] = _mm512_fmadd_ps(qv, _mm512_maskz_loadu_ps(mask, kr[j] + i), acc[j]);
+        for (int64_t j = 0; j < keys; ++j) acc[j] = _mm512_fmadd_ps(qv, Load(mask, kr[j] + i), acc[j]);
       }
       for (int64_t j = 0; j < keys; ++j) scores[g * n + (t0 - lo + j)] = _mm512_reduce_add_ps(acc[j]) * scale;
     }
@@ -97,14 +104,14 @@ void AttendGroup(const Shapes& s, const float* q, const float* k, const float* v
     total[g] = _mm512_reduce_add_ps(sum);
   }
   for (int64_t t = lo; t < hi; ++t) {
-    const float* vr = row(v, t);
+    const T* vr = row(v, t);
     for (int64_t g = 0; g < g_count; ++g) {
       const __m512 p = _mm512_set1_ps(scores[g * n + (t - lo)]);
       float* a = acc.data() + g * d;
       for (int64_t i = 0; i < d; i += 16) {
         const __mmask16 mask = Lanes(d - i);
         _mm512_mask_storeu_ps(a + i, mask,
-                              _mm512_fmadd_ps(p, _mm512_maskz_loadu_ps(mask, vr + i), _mm512_maskz_loadu_ps(mask, a + i)));
+                              _mm512_fmadd_ps(p, Load(mask, vr + i), _mm512_maskz_loadu_ps(mask, a + i)));
       }
     }
   }
@@ -114,27 +121,39 @@ void AttendGroup(const Shapes& s, const float* q, const float* k, const float* v
   }
 }
 
-ffi::Error DecodeAttention(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k,
-                           ffi::Buffer<ffi::F32> v, ffi::Buffer<ffi::S32> block_tables, ffi::Buffer<ffi::S32> seq_lens,
+template <typename T>
+void AttendAll(ffi::ThreadPool& pool, const Shapes& s, const float* q, const T* k, const T* v, const int32_t* tables,
+               const int32_t* lens, const int32_t* positions, float scale, int64_t window, int64_t batch, float* out) {
+  const int64_t per_row = s.heads * s.head_dim;
+  jaxinfer::ParallelFor(pool, batch * s.kv_heads, [=, &s](int64_t item) {
+    const int64_t b = item / s.kv_heads, kvh = item % s.kv_heads;
+    AttendGroup(s, q + b * per_row, k, v, tables + b * s.pages_per_seq, lens[b], positions[b], kvh, scale, window,
+                out + b * per_row);
+  });
+}
+
+ffi::Error DecodeAttention(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::AnyBuffer k, ffi::AnyBuffer v,
+                           ffi::Buffer<ffi::S32> block_tables, ffi::Buffer<ffi::S32> seq_lens,
                            ffi::Buffer<ffi::S32> q_positions, ffi::ResultBuffer<ffi::F32> out, float scale,
                            int64_t window) {
   const auto qd = q.dimensions(), kd = k.dimensions(), td = block_tables.dimensions();
   if (qd.size() != 3 || kd.size() != 4 || td.size() != 2 || kd[3] != qd[2] || qd[1] % kd[1] != 0 || td[0] != qd[0])
     return ffi::Error::InvalidArgument("jaxinfer_decode_attention: shapes do not match");
+  const ffi::DataType type = k.element_type();
+  if (v.element_type() != type || (type != ffi::DataType::F32 && type != ffi::DataType::BF16))
+    return ffi::Error::InvalidArgument("jaxinfer_decode_attention: K and V pages must both be float32 or bfloat16");
   const Shapes s{qd[1], kd[1], qd[1] / kd[1], qd[2], kd[2], td[1], kd[0]};
-  const float* qp = q.typed_data();
-  const float* kp = k.typed_data();
-  const float* vp = v.typed_data();
   const int32_t* tables = block_tables.typed_data();
   const int32_t* lens = seq_lens.typed_data();
   const int32_t* positions = q_positions.typed_data();
-  float* op = out->typed_data();
-  const int64_t batch = qd[0], per_row = s.heads * s.head_dim;
-  jaxinfer::ParallelFor(pool, batch * s.kv_heads, [=, &s](int64_t item) {
-    const int64_t b = item / s.kv_heads, kvh = item % s.kv_heads;
-    AttendGroup(s, qp + b * per_row, kp, vp, tables + b * s.pages_per_seq, lens[b], positions[b], kvh, scale, window,
-                op + b * per_row);
-  });
+  if (type == ffi::DataType::F32)
+    AttendAll(pool, s, q.typed_data(), static_cast<const float*>(k.untyped_data()),
+              static_cast<const float*>(v.untyped_data()), tables, lens, positions, scale, window, qd[0],
+              out->typed_data());
+  else
+    AttendAll(pool, s, q.typed_data(), static_cast<const uint16_t*>(k.untyped_data()),
+              static_cast<const uint16_t*>(v.untyped_data()), tables, lens, positions, scale, window, qd[0],
+              out->typed_data());
   return ffi::Error::Success();
 }
 
@@ -144,8 +163,8 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(jaxinfer_decode_attention, DecodeAttention,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::ThreadPool>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::AnyBuffer>()
                                   .Arg<ffi::Buffer<ffi::S32>>()
                                   .Arg<ffi::Buffer<ffi::S32>>()
                                   .Arg<ffi::Buffer<ffi::S32>>()

@@ -3,7 +3,7 @@
 XLA runs ``paged_attention_reference`` as a loop over pages that gathers each page of every
 sequence into a copy before its two products; the kernel reads each visible key and value in
 place, in one pass per sequence and KV head. ``paged_attention``, the dispatch point, runs it for
-decode (one query token) on float32 pages once ``cpu_native.enable`` has turned it on and the
+decode (one query token) on float32 or bfloat16 pages once ``cpu_native.enable`` has turned it on and the
 choice of implementation is automatic; the reference is ``paged_attention_reference``.
 """
 
@@ -19,11 +19,12 @@ from pallas_kernels.paged_kv import PagedKV
 
 def decode_attention_cpu(q: jax.Array, kv: PagedKV, block_tables: jax.Array, seq_lens: jax.Array,
                          q_positions: jax.Array, *, scale: float, sliding_window: int | None = None) -> jax.Array:
-    """``paged_attention_reference`` for ``q [batch, 1, heads, head_dim]`` float32 over float32
-    pages (shapes as there), by the kernel."""
+    """``paged_attention_reference`` for ``q [batch, 1, heads, head_dim]`` float32 over float32 or
+    bfloat16 pages (shapes as there), by the kernel."""
     batch, q_len, heads, head_dim = q.shape
-    if q_len != 1 or kv.bits or q.dtype != jnp.float32 or kv.k.dtype != jnp.float32:
-        raise ValueError("the CPU decode kernel takes one float32 query token per sequence over float32 pages")
+    if q_len != 1 or kv.bits or q.dtype != jnp.float32 or kv.k.dtype not in (jnp.float32, jnp.bfloat16):
+        raise ValueError("the CPU decode kernel takes one float32 query token per sequence over float32 or "
+                         "bfloat16 pages")
     if sliding_window is not None and sliding_window < 1:
         raise ValueError(f"sliding_window must be positive, got {sliding_window}")
     out = jax.ffi.ffi_call(cpu_native.DECODE_ATTENTION, jax.ShapeDtypeStruct((batch, heads, head_dim), jnp.float32))(

@@ -102,7 +102,9 @@ def paged_attention_reference(
         p = jnp.where(visible, jnp.exp(s - m_new[..., None]), 0.0)
         correction = jnp.exp(m - m_new)
         l = l * correction + p.sum(-1)
-        pv = jnp.einsum("bkql,bkld->bkqd", p.astype(v.dtype), v, preferred_element_type=jnp.float32)
+        # bfloat16 pages under float32 queries (the CPU's bfloat16 mode) keep p in float32.
+        pv = jnp.einsum("bkql,bkld->bkqd", p.astype(jnp.promote_types(q.dtype, v.dtype)), v,
+                        preferred_element_type=jnp.float32)
         return m_new, l, acc * correction[..., None] + pv
 
     rows = q_len * group
@@ -382,7 +384,8 @@ def paged_attention(
     When ``dispatch.implementation()`` is ``"kernel"`` (or ``"interpret"``: on CPU, through Pallas'
     interpreter), decode (``q_len == 1``) runs ``paged_decode_attention`` with the block sizes of
     ``block_sizes.decode_attention_blocks`` and prefill chunks run ``prefill_attention_kernel``
-    with those of ``block_sizes.prefill_attention_blocks``. On CPU, decode over float32 pages runs
+    with those of ``block_sizes.prefill_attention_blocks``. On CPU, decode of float32 queries over
+    float32 or bfloat16 pages runs
     ``decode_attention_cpu`` once ``cpu_native.enable`` has turned it on; otherwise the jnp
     reference runs.
     """
@@ -406,7 +409,7 @@ def paged_attention(
             pages_per_iteration=d.pages_per_iteration, pages_per_split=d.pages_per_split,
             num_warps=d.num_warps, num_stages=d.num_stages,
         )
-    if (q.shape[1] == 1 and not kv.bits and q.dtype == jnp.float32 and kv.k.dtype == jnp.float32
+    if (q.shape[1] == 1 and not kv.bits and q.dtype == jnp.float32 and kv.k.dtype in (jnp.float32, jnp.bfloat16)
             and dispatch.cpu_kernels() and cpu_native.kernels().decode_attention):
         validate_paged_inputs(q, kv, block_tables, seq_lens, q_positions)
         return decode_attention_cpu(q, kv, block_tables, seq_lens, q_positions, scale=scale,

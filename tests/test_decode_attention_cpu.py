@@ -13,7 +13,7 @@ from pallas_kernels.decode_attention_cpu import decode_attention_cpu
 from pallas_kernels.paged_attention import paged_attention, paged_attention_reference
 from pallas_kernels.paged_kv import PagedKV
 
-pytestmark = pytest.mark.skipif(not {"avx512f", "avx512bw"} <= cpu_native.cpu_flags(), reason="no AVX-512")
+pytestmark = pytest.mark.skipif(not {"avx512f", "avx512bw", "avx512vl"} <= cpu_native.cpu_flags(), reason="no AVX-512")
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -22,8 +22,8 @@ def enabled():
         pytest.fail("the CPU has AVX-512 but the kernels could not be built (see the log)")
 
 
-def make_case(rng, heads, kv_heads, head_dim, page_size, lens, num_pages=64):
-    """Scattered pages (a shuffled pool), block tables padded with the trash page 0."""
+def make_case(rng, heads, kv_heads, head_dim, page_size, lens, num_pages=64, pages=jnp.float32):
+    """Scattered pages (a shuffled pool) of dtype ``pages``, block tables padded with the trash page 0."""
     pages_per_seq = max(1, max(-(-n // page_size) for n in lens)) + 1
     k = rng.standard_normal((num_pages, kv_heads, page_size, head_dim)).astype(np.float32)
     v = rng.standard_normal((num_pages, kv_heads, page_size, head_dim)).astype(np.float32)
@@ -37,7 +37,7 @@ def make_case(rng, heads, kv_heads, head_dim, page_size, lens, num_pages=64):
     q = rng.standard_normal((len(lens), 1, heads, head_dim)).astype(np.float32)
     lens = np.asarray(lens, np.int32)
     q_pos = np.maximum(lens - 1, 0)[:, None].astype(np.int32)
-    kv = PagedKV(jnp.asarray(k), jnp.asarray(v))
+    kv = PagedKV(jnp.asarray(k, pages), jnp.asarray(v, pages))
     return jnp.asarray(q), kv, jnp.asarray(tables), jnp.asarray(lens), jnp.asarray(q_pos)
 
 
@@ -51,9 +51,11 @@ CASES = [
 ]
 
 
+@pytest.mark.parametrize("pages", [jnp.float32, jnp.bfloat16])
 @pytest.mark.parametrize("heads,kv_heads,head_dim,page_size,lens,window", CASES)
-def test_kernel_matches_reference(heads, kv_heads, head_dim, page_size, lens, window):
-    args = make_case(np.random.default_rng(len(lens) + head_dim), heads, kv_heads, head_dim, page_size, lens)
+def test_kernel_matches_reference(heads, kv_heads, head_dim, page_size, lens, window, pages):
+    args = make_case(np.random.default_rng(len(lens) + head_dim), heads, kv_heads, head_dim, page_size, lens,
+                     pages=pages)
     got = np.asarray(jax.jit(lambda *a: decode_attention_cpu(*a, scale=0.125, sliding_window=window))(*args))
     want = np.asarray(paged_attention_reference(*args, scale=0.125, sliding_window=window))
     assert np.isfinite(got).all()
@@ -72,8 +74,8 @@ def test_a_sequence_alone_gives_its_rows_in_a_batch():
 def test_dispatch_point_runs_the_kernel_for_float_decode_only():
     rng = np.random.default_rng(4)
 
-    def lowered(q_len, bits=0):
-        q, kv, tables, lens, q_pos = make_case(rng, 8, 2, 16, 16, [9, 30])
+    def lowered(q_len, bits=0, pages=jnp.float32):
+        q, kv, tables, lens, q_pos = make_case(rng, 8, 2, 16, 16, [9, 30], pages=pages)
         if q_len > 1:
             q = jnp.repeat(q, q_len, axis=1)
             q_pos = jnp.stack([lens - q_len + i for i in range(q_len)], axis=1)
@@ -85,6 +87,8 @@ def test_dispatch_point_runs_the_kernel_for_float_decode_only():
         return jax.jit(lambda *a: paged_attention(*a, scale=0.25)).lower(*args).as_text()
 
     assert cpu_native.DECODE_ATTENTION in lowered(1)
+    assert cpu_native.DECODE_ATTENTION in lowered(1, pages=jnp.bfloat16)
+    assert cpu_native.DECODE_ATTENTION not in lowered(1, pages=jnp.float16)  # other dtypes: the reference
     assert cpu_native.DECODE_ATTENTION not in lowered(4)  # prefill chunks: the reference
     assert cpu_native.DECODE_ATTENTION not in lowered(1, bits=8)  # quantized pages: the reference
     with dispatch.use_implementation("reference"):

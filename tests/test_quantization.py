@@ -9,6 +9,7 @@ import subprocess
 import sys
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
@@ -20,6 +21,8 @@ from converters.awq import awq_scale, quantize_params
 from converters.loader import load_model
 from converters.rtn import dequantize_kernel, quantize_kernel
 from jaxinfer import LLM, SamplingParams
+from jaxinfer.config import activation_dtype, kv_cache_dtype
+from jaxinfer.engine_config import EngineConfig
 from jaxinfer.kv_cache import KVCache
 from jaxinfer.perplexity import perplexity
 from jaxinfer.scoring import sequence_logits
@@ -195,6 +198,34 @@ def test_kv_quantization_grows_capacity_and_keeps_greedy_close(tmp_path):
     err8 = np.abs(sequence_logits(m.config, m.params, seqs, quant_policy=8)[0] - base).max()
     err4 = np.abs(sequence_logits(m.config, m.params, seqs, quant_policy=4)[0] - base).max()
     assert 0 < err8 < err4 < 1.0
+
+
+def test_kv_cache_dtype_choice():
+    assert kv_cache_dtype(jnp.float32) == jnp.float32
+    assert kv_cache_dtype(jnp.bfloat16) == jnp.bfloat16  # the weights', whatever the activations
+    assert kv_cache_dtype(jnp.float16) == activation_dtype(jnp.float16)
+    assert kv_cache_dtype(jnp.bfloat16, "float32") == jnp.float32
+    with pytest.raises(ValueError, match="kv_cache_dtype"):
+        kv_cache_dtype(jnp.float32, "int8")
+    with pytest.raises(ValueError, match="kv_cache_dtype"):
+        EngineConfig(kv_cache_dtype="float16")
+
+
+def test_bfloat16_kv_cache_halves_token_bytes_and_keeps_greedy_close(tmp_path):
+    build_tiny("llama", str(tmp_path / "m"))
+    m = load_model(str(tmp_path / "m"), np.float32)
+    assert KVCache.bytes_per_token(m.config, jnp.bfloat16) * 2 == KVCache.bytes_per_token(m.config, jnp.float32)
+    prompts = [list(range(3, 60)), [7, 7, 9]]
+    greedy = SamplingParams(temperature=0, max_tokens=20, ignore_eos=True, logprobs=3)
+    options = dict(warmup=False, max_batch_size=2, max_prefill_tokens=32, cache_block_seq_len=16, cache_max_entry_count=16)
+    tops = {}
+    for choice in ("auto", "bfloat16"):
+        llm = LLM(m, kv_cache_dtype=choice, **options)
+        assert {a.dtype for a in jax.tree.leaves(llm.engine.runner.cache)} == {jnp.dtype(choice.replace("auto", "float32"))}
+        outs = llm.generate(prompts, greedy)
+        tops[choice] = [[lp for _, lp in o.outputs[0].logprobs[0].top] for o in outs]
+    assert "bfloat16 K/V" in llm.engine.cache_plan.explanation
+    np.testing.assert_allclose(tops["bfloat16"], tops["auto"], atol=0.01)
 
 
 def test_perplexity_is_llama_cpp_windows_scored_on_their_second_half(tmp_path):
