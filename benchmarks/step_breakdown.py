@@ -115,7 +115,7 @@ def main() -> None:
     variants = {
         "engine": (loaded.params, contextlib.nullcontext),
         "no attention": (loaded.params, no_attention),
-        "XLA attention": (loaded.params, lambda: cpu_native.turned_off("decode_attention")),
+        "XLA attention": (loaded.params, lambda: cpu_native.turned_off("paged_attention")),
         "gate/up fused": (fuse_gate_up_params(loaded.params, loaded.config.num_layers), gate_up_module),
     }
     engines = {}

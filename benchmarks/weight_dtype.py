@@ -120,7 +120,7 @@ def main() -> None:
          f"median of {args.repeats} single-request prefill steps per engine, taking turns, after one untimed."),
         (f"- bfloat16 AMX: weights packed for `pallas_kernels.amx_matmul` (in use: "
          f"{engines[amx].runner.amx}); bfloat16 XLA: built with `cpu_native.turned_off('amx_matmul')`. CPU "
-         f"decode attention kernel in all three: {engines[f32].runner.kernels.decode_attention}."),
+         f"decode attention kernel in all three: {engines[f32].runner.kernels.paged_attention}."),
         (f"- Greedy tokens at batch 1: bfloat16 AMX vs float32 common prefix {agree}/{args.decode_tokens}; "
          f"bfloat16 AMX vs bfloat16 XLA identical: {first[amx] == first[xla]}."),
         f"- Load: before `{load_before}`; after `{load_average()}`.",

@@ -3,8 +3,8 @@
 On CPU the engine runs XLA's code except where a small kernel of ours is measurably faster:
 
 * ``amx_matmul.cc``: bfloat16-weight matmuls on Intel AMX (``pallas_kernels.amx_matmul``);
-* ``decode_attention_cpu.cc``: decode attention reading float32 or bfloat16 KV pages in place,
-  with AVX-512 (``pallas_kernels.paged_attention``'s dispatch point);
+* ``paged_attention_cpu.cc``: decode and prefill attention reading float32 or bfloat16 KV pages
+  in place, with AVX-512 (``pallas_kernels.paged_attention``'s dispatch point);
 * ``kv_write_cpu.cc``: new tokens' K/V written into bfloat16 pages in place
   (``pallas_kernels.kv_write_cpu``), where XLA's scatter would widen the whole pool.
 
@@ -35,12 +35,12 @@ import jax
 logger = logging.getLogger("jaxinfer")
 
 HERE = Path(__file__).parent
-SOURCES = (HERE / "amx_matmul.cc", HERE / "decode_attention_cpu.cc", HERE / "kv_write_cpu.cc")
+SOURCES = (HERE / "amx_matmul.cc", HERE / "paged_attention_cpu.cc", HERE / "kv_write_cpu.cc")
 HEADERS = (HERE / "cpu_parallel.h",)
 AMX_MATMUL = "jaxinfer_amx_matmul"
-DECODE_ATTENTION = "jaxinfer_decode_attention"
+PAGED_ATTENTION = "jaxinfer_paged_attention"
 KV_WRITE = "jaxinfer_kv_write"
-TARGETS = (AMX_MATMUL, DECODE_ATTENTION, KV_WRITE)
+TARGETS = (AMX_MATMUL, PAGED_ATTENTION, KV_WRITE)
 # GCC 12's own AVX-512 intrinsic headers trip -Wmaybe-uninitialized (a known false positive).
 FLAGS = ("-O3", "-std=c++17", "-shared", "-fPIC", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mamx-tile", "-mamx-bf16",
          "-Wall", "-Wextra", "-Wno-maybe-uninitialized")
@@ -50,7 +50,7 @@ FLAGS = ("-O3", "-std=c++17", "-shared", "-fPIC", "-mavx512f", "-mavx512bw", "-m
 class CpuKernels:
     """Which kernels XLA can call in this process."""
 
-    decode_attention: bool = False  # AVX-512
+    paged_attention: bool = False  # AVX-512
     amx_matmul: bool = False  # AMX, granted by the OS
     kv_write: bool = False  # built with the others
 
@@ -106,7 +106,7 @@ def _load(build_dir: str) -> CpuKernels:
     except (OSError, RuntimeError) as e:
         logger.warning("jaxinfer's CPU kernels are unavailable, XLA's code runs instead: %s", e)
         return CpuKernels()
-    for target in (DECODE_ATTENTION, KV_WRITE):
+    for target in (PAGED_ATTENTION, KV_WRITE):
         jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(getattr(library, target)), platform="cpu")
     amx = False
     if {"amx_tile", "amx_bf16"} <= flags:
@@ -116,7 +116,7 @@ def _load(build_dir: str) -> CpuKernels:
             jax.ffi.register_ffi_target(AMX_MATMUL, jax.ffi.pycapsule(getattr(library, AMX_MATMUL)), platform="cpu")
         else:
             logger.warning("the AMX matmul kernel is unavailable: the OS refused AMX state to this process")
-    return CpuKernels(decode_attention=True, amx_matmul=amx, kv_write=True)
+    return CpuKernels(paged_attention=True, amx_matmul=amx, kv_write=True)
 
 
 def build(build_dir: str) -> str:

@@ -87,7 +87,7 @@ def test_padding_rows_are_finite_and_do_not_disturb_others():
 
 
 def test_dispatch_point_runs_the_reference_on_cpu():
-    """Unless jaxinfer's CPU kernels are on (tests/test_decode_attention_cpu.py)."""
+    """Unless jaxinfer's CPU kernels are on (tests/test_paged_attention_cpu.py)."""
     rng = np.random.default_rng(1)
     q, kp, vp, *rest = make_case(rng, 2, 1, 8, 2, 16, 16, [9, 30])
     args = (q, PagedKV(kp, vp), *rest)

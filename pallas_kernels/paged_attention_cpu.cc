@@ -1,12 +1,14 @@
-// Decode attention (one query token per sequence) over float32 or bfloat16 KV pages, on CPU with AVX-512:
-// what paged_attention_reference computes for q_len == 1, reading each visible key and value
-// straight from its page instead of gathering the pages into a copy first.
+// Paged attention over float32 or bfloat16 KV pages, on CPU with AVX-512: what
+// paged_attention_reference computes, for decode (one query token per sequence) and prefill
+// chunks alike, reading each visible key and value straight from its page instead of gathering
+// the pages into a copy first.
 //
-// q [B, H, D], pools [num_pages, KVH, page_size, D], block_tables [B, P], seq_lens [B],
-// q_positions [B] -> out [B, H, D]. One work item per (sequence, KV head): the G = H / KVH query
-// heads of the group share each key and value read. Softmax in two passes over the visible keys
-// (scores, then the weighted sum of values), so each sequence's result depends on nothing else
-// in the batch.
+// q [B, L, H, D], pools [num_pages, KVH, page_size, D], block_tables [B, P], seq_lens [B],
+// q_positions [B, L] -> out [B, L, H, D]. One work item per (sequence, KV head, 16 query rows):
+// the G = H / KVH query heads of the group share each key and value read, and a chunk's rows
+// read the same keys while they are in cache. Each query row sees the keys at positions up to
+// its own (causal) and within the sliding window; softmax in two passes over them (scores, then
+// the weighted sum of values), so each row's result depends on nothing else in the batch.
 #include <immintrin.h>
 
 #include <algorithm>
@@ -121,45 +123,53 @@ void AttendGroup(const Shapes& s, const float* q, const T* k, const T* v, const 
   }
 }
 
+constexpr int64_t kRowsPerItem = 16;  // query rows of one sequence and KV head per work item
+
 template <typename T>
 void AttendAll(ffi::ThreadPool& pool, const Shapes& s, const float* q, const T* k, const T* v, const int32_t* tables,
-               const int32_t* lens, const int32_t* positions, float scale, int64_t window, int64_t batch, float* out) {
-  const int64_t per_row = s.heads * s.head_dim;
-  jaxinfer::ParallelFor(pool, batch * s.kv_heads, [=, &s](int64_t item) {
-    const int64_t b = item / s.kv_heads, kvh = item % s.kv_heads;
-    AttendGroup(s, q + b * per_row, k, v, tables + b * s.pages_per_seq, lens[b], positions[b], kvh, scale, window,
-                out + b * per_row);
+               const int32_t* lens, const int32_t* positions, float scale, int64_t window, int64_t batch,
+               int64_t q_len, float* out) {
+  const int64_t per_row = s.heads * s.head_dim, row_blocks = (q_len + kRowsPerItem - 1) / kRowsPerItem;
+  jaxinfer::ParallelFor(pool, batch * s.kv_heads * row_blocks, [=, &s](int64_t item) {
+    const int64_t b = item / (s.kv_heads * row_blocks), kvh = item / row_blocks % s.kv_heads;
+    const int64_t r0 = item % row_blocks * kRowsPerItem;
+    for (int64_t r = r0; r < std::min(q_len, r0 + kRowsPerItem); ++r) {
+      const int64_t row = b * q_len + r;
+      AttendGroup(s, q + row * per_row, k, v, tables + b * s.pages_per_seq, lens[b], positions[row], kvh, scale,
+                  window, out + row * per_row);
+    }
   });
 }
 
-ffi::Error DecodeAttention(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::AnyBuffer k, ffi::AnyBuffer v,
-                           ffi::Buffer<ffi::S32> block_tables, ffi::Buffer<ffi::S32> seq_lens,
-                           ffi::Buffer<ffi::S32> q_positions, ffi::ResultBuffer<ffi::F32> out, float scale,
-                           int64_t window) {
-  const auto qd = q.dimensions(), kd = k.dimensions(), td = block_tables.dimensions();
-  if (qd.size() != 3 || kd.size() != 4 || td.size() != 2 || kd[3] != qd[2] || qd[1] % kd[1] != 0 || td[0] != qd[0])
-    return ffi::Error::InvalidArgument("jaxinfer_decode_attention: shapes do not match");
+ffi::Error PagedAttention(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::AnyBuffer k, ffi::AnyBuffer v,
+                          ffi::Buffer<ffi::S32> block_tables, ffi::Buffer<ffi::S32> seq_lens,
+                          ffi::Buffer<ffi::S32> q_positions, ffi::ResultBuffer<ffi::F32> out, float scale,
+                          int64_t window) {
+  const auto qd = q.dimensions(), kd = k.dimensions(), td = block_tables.dimensions(), pd = q_positions.dimensions();
+  if (qd.size() != 4 || kd.size() != 4 || td.size() != 2 || pd.size() != 2 || kd[3] != qd[3] || qd[2] % kd[1] != 0 ||
+      td[0] != qd[0] || pd[0] != qd[0] || pd[1] != qd[1])
+    return ffi::Error::InvalidArgument("jaxinfer_paged_attention: shapes do not match");
   const ffi::DataType type = k.element_type();
   if (v.element_type() != type || (type != ffi::DataType::F32 && type != ffi::DataType::BF16))
-    return ffi::Error::InvalidArgument("jaxinfer_decode_attention: K and V pages must both be float32 or bfloat16");
-  const Shapes s{qd[1], kd[1], qd[1] / kd[1], qd[2], kd[2], td[1], kd[0]};
+    return ffi::Error::InvalidArgument("jaxinfer_paged_attention: K and V pages must both be float32 or bfloat16");
+  const Shapes s{qd[2], kd[1], qd[2] / kd[1], qd[3], kd[2], td[1], kd[0]};
   const int32_t* tables = block_tables.typed_data();
   const int32_t* lens = seq_lens.typed_data();
   const int32_t* positions = q_positions.typed_data();
   if (type == ffi::DataType::F32)
     AttendAll(pool, s, q.typed_data(), static_cast<const float*>(k.untyped_data()),
-              static_cast<const float*>(v.untyped_data()), tables, lens, positions, scale, window, qd[0],
+              static_cast<const float*>(v.untyped_data()), tables, lens, positions, scale, window, qd[0], qd[1],
               out->typed_data());
   else
     AttendAll(pool, s, q.typed_data(), static_cast<const uint16_t*>(k.untyped_data()),
-              static_cast<const uint16_t*>(v.untyped_data()), tables, lens, positions, scale, window, qd[0],
+              static_cast<const uint16_t*>(v.untyped_data()), tables, lens, positions, scale, window, qd[0], qd[1],
               out->typed_data());
   return ffi::Error::Success();
 }
 
 }  // namespace
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(jaxinfer_decode_attention, DecodeAttention,
+XLA_FFI_DEFINE_HANDLER_SYMBOL(jaxinfer_paged_attention, PagedAttention,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::ThreadPool>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
