@@ -22,8 +22,8 @@ Engines:
     its AMX matmul crashes on prompts; ``peers.default_buffers_work``); if not, that file runs
     without them, plus once with them and ``n_batch=1`` (prompt fed token by token).
   - with ``--bf16``, two more: ``jaxinfer bf16``, the same engine on the weights rounded to bfloat16
-    (on CPU activations and KV cache stay float32; matmuls take bfloat16 inputs and accumulate in
-    float32), and ``transformers bf16`` (torch in bfloat16 throughout).
+    (on CPU activations stay float32 and the KV cache is bfloat16; matmuls take bfloat16 inputs
+    and accumulate in float32), and ``transformers bf16`` (torch in bfloat16 throughout).
 
 Figures per (engine, batch), each the median over ``--repeats`` repeats:
   - first-token latency: time from submission to a request's first token; median (and max) over
@@ -537,8 +537,9 @@ def main() -> None:
         f"max_prefill_tokens {jx.engine.config.max_prefill_tokens}, page {jx.engine.config.cache_block_seq_len}); "
         f"shape buckets {jx.engine.buckets.all_shapes()} compiled before timing (load {jx.load_s:.1f} s, "
         f"engine + warm-up {jx.warmup_s:.1f} s in this process, XLA cache possibly warm)."
-        + (" jaxinfer bf16: the same engine on the weights rounded to bfloat16 (`--dtype bfloat16`); activations "
-           "and KV cache stay float32, each matmul rounds its input rows to bfloat16 and accumulates in float32."
+        + (f" jaxinfer bf16: the same engine on the weights rounded to bfloat16 (`--dtype bfloat16`); activations "
+           f"stay float32, the KV cache is {jx_bf16.engine.runner.cache.layers[0].k.dtype} (`--kv-cache-dtype auto`), "
+           f"each matmul rounds its input rows to bfloat16 and accumulates in float32."
            if jx_bf16 else "")
     )
     for th in transformers_peers.values():

@@ -1,7 +1,7 @@
 """float32 vs bfloat16 weights on CPU, side by side: SmolLM2-135M decode and prefill step times.
 
-``--dtype bfloat16`` on CPU keeps activations and the KV cache in float32 and rounds each
-matmul's input rows to bfloat16, summing in float32. On a CPU with AMX the engine packs the
+``--dtype bfloat16`` on CPU keeps activations in float32 (the KV cache follows the weights:
+bfloat16) and rounds each matmul's input rows to bfloat16, summing in float32. On a CPU with AMX the engine packs the
 weights once for ``pallas_kernels.amx_matmul``'s kernel ("bfloat16 AMX"); elsewhere, or with the
 kernels turned off, XLA's own bfloat16 dots run ("bfloat16 XLA": they rearrange the weights on
 every call). This measures what each buys in the engine's own steps: three engines on the same

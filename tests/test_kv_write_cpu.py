@@ -28,7 +28,8 @@ def scatter(pool, slots, values):
 
 
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
-@pytest.mark.parametrize("page_size,head_dim,slots", [(16, 64, [0, 17, 18, 63]), (64, 80, [5]), (4, 16, list(range(40)))])
+@pytest.mark.parametrize("page_size,head_dim,slots",
+                         [(16, 64, [0, 17, 18, 63]), (64, 80, [5]), (4, 16, list(range(40)))])
 def test_kernel_writes_what_xlas_scatter_writes(dtype, page_size, head_dim, slots):
     rng = np.random.default_rng(len(slots))
     pool = jnp.asarray(rng.standard_normal((12, 3, page_size, head_dim)), dtype)

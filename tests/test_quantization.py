@@ -217,11 +217,13 @@ def test_bfloat16_kv_cache_halves_token_bytes_and_keeps_greedy_close(tmp_path):
     assert KVCache.bytes_per_token(m.config, jnp.bfloat16) * 2 == KVCache.bytes_per_token(m.config, jnp.float32)
     prompts = [list(range(3, 60)), [7, 7, 9]]
     greedy = SamplingParams(temperature=0, max_tokens=20, ignore_eos=True, logprobs=3)
-    options = dict(warmup=False, max_batch_size=2, max_prefill_tokens=32, cache_block_seq_len=16, cache_max_entry_count=16)
+    options = dict(warmup=False, max_batch_size=2, max_prefill_tokens=32, cache_block_seq_len=16,
+                   cache_max_entry_count=16)
     tops = {}
     for choice in ("auto", "bfloat16"):
         llm = LLM(m, kv_cache_dtype=choice, **options)
-        assert {a.dtype for a in jax.tree.leaves(llm.engine.runner.cache)} == {jnp.dtype(choice.replace("auto", "float32"))}
+        want = jnp.dtype("float32" if choice == "auto" else choice)  # auto: the weights', float32 here
+        assert {a.dtype for a in jax.tree.leaves(llm.engine.runner.cache)} == {want}
         outs = llm.generate(prompts, greedy)
         tops[choice] = [[lp for _, lp in o.outputs[0].logprobs[0].top] for o in outs]
     assert "bfloat16 K/V" in llm.engine.cache_plan.explanation
