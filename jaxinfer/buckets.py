@@ -1,9 +1,11 @@
 """Shape buckets and padding: the only module that decides the shapes the jitted step sees.
 
 A step is a batch of rows ``[batch, q_len]``: decode steps have ``q_len == 1`` and one row per
-running sequence; prefill steps have one row holding a chunk of prompt. Batch sizes and chunk
-lengths are rounded up to powers of two, so the set of compiled shapes is small and known in
-advance (``all_shapes``); block tables are always as wide as the longest session, which costs
+running sequence; prefill steps have one row per prompt chunk, up to ``MAX_PREFILL_ROWS`` chunks
+together while their padded tokens fit the prefill budget (one call instead of one per chunk:
+the weights are read once and the per-call cost of 30 layers is paid once). Batch sizes and
+chunk lengths are rounded up to powers of two, so the set of compiled shapes is small and known
+in advance (``all_shapes``); block tables are always as wide as the longest session, which costs
 nothing because attention loops only over pages in use.
 """
 
@@ -19,6 +21,7 @@ from jaxinfer.kv_cache import TRASH_PAGE
 from jaxinfer.sampling_params import MAX_STOP_TOKEN_IDS, SamplingParams
 
 MIN_PREFILL_BUCKET = 16
+MAX_PREFILL_ROWS = 4  # prompt chunks per prefill call; each size doubles the prefill buckets it can fill
 # Width of the per-row list of ids banned before min_tokens: stop token ids plus the model's EOS ids.
 MAX_EOS_IDS = 4
 STOP_IDS_WIDTH = MAX_STOP_TOKEN_IDS + MAX_EOS_IDS
@@ -86,6 +89,7 @@ class StepArrays:
 class Buckets:
     decode_batch_sizes: tuple[int, ...]
     prefill_lengths: tuple[int, ...]
+    prefill_batch_sizes: tuple[int, ...]
     pages_per_seq: int
     page_size: int
     vocab_size: int
@@ -97,6 +101,7 @@ class Buckets:
         return cls(
             decode_batch_sizes=_powers_of_two(1, max_batch_size),
             prefill_lengths=_powers_of_two(min(MIN_PREFILL_BUCKET, max_prefill_tokens), max_prefill_tokens),
+            prefill_batch_sizes=_powers_of_two(1, min(MAX_PREFILL_ROWS, max_batch_size)),
             pages_per_seq=math.ceil(session_len / page_size),
             page_size=page_size,
             vocab_size=vocab_size,
@@ -108,13 +113,32 @@ class Buckets:
 
     def all_shapes(self) -> list[tuple[int, int]]:
         """Every ``(batch, q_len)`` the engine can run: what warm-up compiles."""
-        return [(b, 1) for b in self.decode_batch_sizes] + [(1, n) for n in self.prefill_lengths]
+        budget = self.prefill_lengths[-1]
+        prefill = [(b, n) for b in self.prefill_batch_sizes for n in self.prefill_lengths if b * n <= budget]
+        return [(b, 1) for b in self.decode_batch_sizes] + prefill
 
     def decode_shape(self, num_rows: int) -> tuple[int, int]:
         return _round_up(num_rows, self.decode_batch_sizes), 1
 
-    def prefill_shape(self, num_tokens: int) -> tuple[int, int]:
-        return 1, _round_up(num_tokens, self.prefill_lengths)
+    def prefill_shape(self, num_tokens: int, num_rows: int = 1) -> tuple[int, int]:
+        """The bucket of ``num_rows`` prompt chunks of at most ``num_tokens`` tokens each."""
+        shape = _round_up(num_rows, self.prefill_batch_sizes), _round_up(num_tokens, self.prefill_lengths)
+        if shape[0] * shape[1] > self.prefill_lengths[-1]:
+            raise ValueError(f"{num_rows} chunks of {num_tokens} tokens exceed the prefill bucket {shape}")
+        return shape
+
+    def prefill_groups(self, chunk_lens: Sequence[int]) -> list[list[int]]:
+        """Indices of ``chunk_lens`` grouped into prefill calls: longest first, each chunk joining
+        the current group while the group's bucket stays within the prefill budget."""
+        groups: list[list[int]] = []
+        for i in sorted(range(len(chunk_lens)), key=lambda i: -chunk_lens[i]):
+            if groups and len(groups[-1]) < self.prefill_batch_sizes[-1]:
+                rows = _round_up(len(groups[-1]) + 1, self.prefill_batch_sizes)
+                if rows * _round_up(chunk_lens[groups[-1][0]], self.prefill_lengths) <= self.prefill_lengths[-1]:
+                    groups[-1].append(i)
+                    continue
+            groups.append([i])
+        return groups
 
     def pad(self, rows: Sequence[StepRow], shape: tuple[int, int]) -> StepArrays:
         """The arrays of ``rows`` padded to ``shape``; padding tokens write to the trash page."""

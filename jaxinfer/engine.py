@@ -178,10 +178,14 @@ class LLMEngine:
             out = self.runner.execute(rows, self.buckets.decode_shape(len(rows)))
             results += [(seq, 1, out, i) for i, seq in enumerate(sched.decode)]
             self.stats.decode_tokens += len(rows)
-        for seq, n in sched.prefill:
-            out = self.runner.execute([self._row(seq, n)], self.buckets.prefill_shape(n))
-            results.append((seq, n, out, 0))
-            self.stats.prefill_tokens += n
+        prefilled = {}
+        for group in self.buckets.prefill_groups([n for _, n in sched.prefill]):
+            chunks = [sched.prefill[i] for i in group]
+            shape = self.buckets.prefill_shape(max(n for _, n in chunks), len(chunks))
+            out = self.runner.execute([self._row(seq, n) for seq, n in chunks], shape)
+            prefilled.update({i: (seq, n, out, row) for row, (i, (seq, n)) in enumerate(zip(group, chunks))})
+            self.stats.prefill_tokens += sum(n for _, n in chunks)
+        results += [prefilled[i] for i in sorted(prefilled)]  # the scheduler's order
 
         advanced: dict[str, Request] = {}
         for seq, n, out, i in results:

@@ -65,6 +65,21 @@ def test_batch_of_mixed_requests_equals_each_alone(llm):
     assert batched == alone
 
 
+def test_prompt_chunks_share_prefill_calls(llm, monkeypatch):
+    buckets = llm.engine.buckets  # budget 32 tokens, at most 4 sequences
+    assert (2, 16) in buckets.all_shapes() and (2, 32) not in buckets.all_shapes()
+    assert buckets.prefill_groups([10, 5, 16, 30]) == [[3], [2, 0], [1]]
+    with pytest.raises(ValueError, match="exceed"):
+        buckets.prefill_shape(32, 2)
+    shapes = []
+    execute = llm.engine.runner.execute
+    monkeypatch.setattr(llm.engine.runner, "execute", lambda rows, shape: shapes.append(shape) or execute(rows, shape))
+    ps = [[5, 6, 7], list(range(10, 22))]
+    together = texts(llm.generate(ps, GREEDY))
+    assert shapes[0] == (2, 16)  # both prompts in one call
+    assert together == [texts(llm.generate([p], GREEDY))[0] for p in ps]
+
+
 def test_seeded_sampling_is_reproducible_in_any_batch(llm):
     p = SamplingParams(temperature=1.0, top_p=0.9, seed=1234, max_tokens=16, ignore_eos=True)
     alone = texts(llm.generate([[9, 8, 7, 6]], p))[0]
