@@ -13,8 +13,8 @@ Servers (``--servers``), each started by this script on a free local port and st
   - ``jaxinfer``: ``jaxinfer serve <the converted embedded SmolLM2-135M-Instruct> --max-batch-size
     <largest C> --session-len <input + output>`` (float32; every shape bucket compiled before it
     listens), started once and kept for every C (it idles without using the CPU while the others
-    run). ``jaxinfer-bf16``: the same with ``--dtype bfloat16`` (bfloat16 weights and KV cache; on
-    CPU float32 activations).
+    run). ``jaxinfer-bf16``: the same with ``--dtype bfloat16`` (bfloat16 weights; on CPU float32
+    activations and KV cache).
   - ``llama-f32`` / ``llama-bf16`` / ``llama-q4_1``: ``llama-server -m <GGUF> --parallel C --cont-batching -c
     C*(input + output + 16) -t 2 -tb 2``, restarted for every C, built once from the llama.cpp
     vendored in the ``llama-cpp-python`` 0.3.36 sdist (``peers.build_llama_server``). F32: the

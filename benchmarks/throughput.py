@@ -22,8 +22,8 @@ Engines:
     its AMX matmul crashes on prompts; ``peers.default_buffers_work``); if not, that file runs
     without them, plus once with them and ``n_batch=1`` (prompt fed token by token).
   - with ``--bf16``, two more: ``jaxinfer bf16``, the same engine on the weights rounded to bfloat16
-    (on CPU activations stay float32 and the KV cache is bfloat16; matmuls take bfloat16 inputs
-    and accumulate in float32), and ``transformers bf16`` (torch in bfloat16 throughout).
+    (on CPU activations and the KV cache stay float32; matmuls take bfloat16 inputs and
+    accumulate in float32), and ``transformers bf16`` (torch in bfloat16 throughout).
 
 Figures per (engine, batch), each the median over ``--repeats`` repeats:
   - first-token latency: time from submission to a request's first token; median (and max) over

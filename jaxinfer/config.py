@@ -35,16 +35,13 @@ KV_CACHE_DTYPES = ("auto", "float32", "bfloat16")
 
 
 def kv_cache_dtype(weight_dtype, choice: str = "auto"):
-    """The dtype of unquantized K/V pages: ``choice``, or for ``"auto"`` the weights' dtype (as
-    vLLM's ``--kv-cache-dtype auto``) when it is float32 or bfloat16, else the activations'. On
-    CPU, bfloat16 weights so get bfloat16 pages under float32 activations: half the bytes that
-    decode attention reads, widened to float32 as they are read."""
+    """The dtype of unquantized K/V pages: ``choice``, or for ``"auto"`` the activations' (the
+    weights' on GPU; float32 on CPU). ``"bfloat16"`` on CPU halves the bytes per token under
+    float32 activations (attention widens each value as it reads it); it is opt-in there because
+    with it the bfloat16-weight engine's greedy tokens depended on the batch size (docs/ARCHITECTURE.md)."""
     if choice not in KV_CACHE_DTYPES:
         raise ValueError(f"kv_cache_dtype must be one of {KV_CACHE_DTYPES}, got {choice!r}")
-    if choice != "auto":
-        return jnp.dtype(choice)
-    weights = jnp.dtype(weight_dtype)
-    return weights if weights in (jnp.float32, jnp.bfloat16) else jnp.dtype(activation_dtype(weight_dtype))
+    return jnp.dtype(activation_dtype(weight_dtype) if choice == "auto" else choice)
 
 
 @dataclass(frozen=True)

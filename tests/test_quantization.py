@@ -202,8 +202,8 @@ def test_kv_quantization_grows_capacity_and_keeps_greedy_close(tmp_path):
 
 def test_kv_cache_dtype_choice():
     assert kv_cache_dtype(jnp.float32) == jnp.float32
-    assert kv_cache_dtype(jnp.bfloat16) == jnp.bfloat16  # the weights', whatever the activations
-    assert kv_cache_dtype(jnp.float16) == activation_dtype(jnp.float16)
+    assert kv_cache_dtype(jnp.bfloat16) == activation_dtype(jnp.bfloat16)  # float32 on CPU
+    assert kv_cache_dtype(jnp.float32, "bfloat16") == jnp.bfloat16
     assert kv_cache_dtype(jnp.bfloat16, "float32") == jnp.float32
     with pytest.raises(ValueError, match="kv_cache_dtype"):
         kv_cache_dtype(jnp.float32, "int8")
