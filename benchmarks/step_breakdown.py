@@ -5,7 +5,7 @@ of the engine as shipped, side by side with three what-if variants of it.
   MLP and LM head unchanged). Its step time is the engine's minus what attention costs, so
   ``engine - no attention`` is attention's share, measured rather than inferred by subtraction
   from matmul benchmarks. Its tokens are meaningless and not compared.
-- ``XLA attention``: jaxinfer's CPU decode attention kernel (``pallas_kernels/decode_attention_cpu.cc``)
+- ``XLA attention``: jaxinfer's CPU attention kernel (``pallas_kernels/paged_attention_cpu.cc``)
   off, so decode attention runs the jnp reference through XLA. Its tokens must equal the engine's.
 - ``gate/up fused``: each MLP's gate and up projections concatenated into one [576, 3072] matmul,
   as the engine already does for q/k/v. Its tokens must equal the engine's.

@@ -2,9 +2,10 @@
 
 XLA:CPU runs a scatter into a bfloat16 array by widening the whole array to float32 and back, so
 each layer's write would copy its pool twice on every step (a SmolLM2 decode step at batch 32
-took 3-4x longer). The kernel copies only the new rows, into the pool XLA hands it aliased to
-the result: with the cache donated, an update in place. ``jaxinfer.kv_cache.write_kv`` calls it
-for bfloat16 pools once ``cpu_native.enable`` has turned it on; XLA's scatter is the reference.
+took 3-4x longer in an exploratory run). The kernel copies only the new rows, into the pool XLA
+hands it aliased to the result: with the cache donated, an update in place.
+``jaxinfer.kv_cache.write_kv`` calls it for bfloat16 pools once ``cpu_native.enable`` has turned
+it on; XLA's scatter is the reference.
 """
 
 from __future__ import annotations
