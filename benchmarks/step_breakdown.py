@@ -141,8 +141,8 @@ def main() -> None:
                     f"{med['engine'] / med['gate/up fused']:.2f}x | {same['gate/up fused']} |")
         print(rows[-1], flush=True)
     notes = [
-        (f"- SmolLM2-135M {args.dtype} weights (embedded GGUF dequantized; AMX matmul kernel: "
-         f"{engines['engine'].runner.amx}), {args.prompt_tokens}-token prompt, "
+        (f"- SmolLM2-135M {args.dtype} weights (embedded GGUF dequantized; matmul kernel: "
+         f"{engines['engine'].runner.matmul_kernel}), {args.prompt_tokens}-token prompt, "
          f"{args.decode_tokens} greedy tokens per request (context {args.prompt_tokens}-"
          f"{args.prompt_tokens + args.decode_tokens}), {args.repeats} repeats per engine alternating; median over "
          "all pure decode steps. attention's share = (engine - no attention) / engine."),

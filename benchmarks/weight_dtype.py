@@ -84,7 +84,7 @@ def main() -> None:
             engines[name] = build_engine(m, progress=False, kv_cache_dtype="bfloat16", **options)
         else:
             engines[name] = build_engine(m, progress=False, **options)
-    if not engines["bfloat16 AMX"].runner.amx:
+    if engines["bfloat16 AMX"].runner.matmul_kernel != "amx_matmul":
         print("note: the AMX kernel is not available here; 'bfloat16 AMX' runs XLA's dots too")
     names = list(engines)
     f32, xla, amx, amx_bf16kv = names
@@ -126,7 +126,8 @@ def main() -> None:
          f"request, {args.repeats} rounds per engine taking turns, median over all pure decode steps. Prefill: "
          f"median of {args.repeats} single-request prefill steps per engine, taking turns, after one untimed."),
         (f"- bfloat16 AMX: weights packed for `pallas_kernels.amx_matmul` (in use: "
-         f"{engines[amx].runner.amx}); bfloat16 XLA: built with `cpu_native.turned_off('amx_matmul')`. KV cache: "
+         f"{engines[amx].runner.matmul_kernel == 'amx_matmul'}); float32: matmul kernel "
+         f"{engines[f32].runner.matmul_kernel}; bfloat16 XLA: built with `cpu_native.turned_off('amx_matmul')`. KV cache: "
          + ", ".join(f"{n} {e.runner.cache.layers[0].k.dtype}" for n, e in engines.items())
          + f" (`--kv-cache-dtype auto`: float32 on CPU). CPU attention kernel in all: "
          f"{engines[f32].runner.kernels.paged_attention}."),

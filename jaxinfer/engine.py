@@ -81,8 +81,8 @@ class LLMEngine:
             model_config, params, dtype, self.buckets, self.cache_plan.num_pages, engine_config.quant_policy,
             kv_dtype=kv_dtype, exported_steps=exported_steps_dir(),
         )
-        if self.runner.amx:
-            logger.info("bfloat16 weights: packed for the CPU's AMX matmul kernel (pallas_kernels.amx_matmul)")
+        if self.runner.matmul_kernel is not None:
+            logger.info("weights packed for the CPU matmul kernel pallas_kernels.%s", self.runner.matmul_kernel)
         self.block_manager = BlockManager(self.cache_plan.num_pages, page_size, engine_config.enable_prefix_caching)
         self.scheduler = Scheduler(self.block_manager, engine_config.max_batch_size, engine_config.max_prefill_tokens)
         self.stats = EngineStats()

@@ -31,11 +31,20 @@ from jaxinfer.config import ModelConfig, WeightQuant
 from jaxinfer.kv_cache import AttentionMetadata, KVCache, write_kv
 from pallas_kernels.amx_matmul import amx_matmul, narrow_weight_dot
 from pallas_kernels.amx_matmul import pack as amx_pack
+from pallas_kernels.f32_matmul import f32_matmul
+from pallas_kernels.f32_matmul import pack as f32_pack
 from pallas_kernels.int4_matmul import CODES_PER_WORD, int4_matmul, padded_rows
 from pallas_kernels.paged_attention import paged_attention
 from pallas_kernels.paged_kv import PagedKV
 
 Dtype = Any
+
+# CPU matmul kernels over packed weights (pack_cpu_weights): kernel name -> (weights' dtype,
+# packing, matmul, prefix of the packed leaves' names).
+CPU_MATMULS = {
+    "amx_matmul": (jnp.bfloat16, amx_pack, amx_matmul, "amx"),
+    "f32_matmul": (jnp.float32, f32_pack, f32_matmul, "avx512"),
+}
 
 
 def _param(module: nn.Module, name: str, shape, axes, dtype, init=nn.initializers.lecun_normal()):
@@ -66,10 +75,10 @@ class Linear(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         n_in = x.shape[-1]
-        if self.quant is None and self.has_variable("params", "amx_kernel"):  # pack_amx_weights
-            lead = x.shape[:-1]
-            packed = self.get_variable("params", "amx_kernel")
-            y = amx_matmul(x.reshape(-1, n_in), packed, self.features).reshape(*lead, self.features)
+        packed = _packed_matmul(self, "kernel")
+        if self.quant is None and packed is not None:
+            matmul, w = packed
+            y = matmul(x.reshape(-1, n_in), w, self.features).reshape(*x.shape[:-1], self.features)
         elif self.quant is None:
             kernel = _param(self, "kernel", (n_in, self.features), self.axes, self.dtype)
             y = _dot(x, kernel, 0)
@@ -87,6 +96,14 @@ class Linear(nn.Module):
         if self.use_bias:
             y = y + _param(self, "bias", (self.features,), self.axes[1:], self.dtype, nn.initializers.zeros)
         return y
+
+
+def _packed_matmul(module: nn.Module, leaf: str):
+    """(matmul, packed weights) when ``pack_cpu_weights`` packed the module's ``leaf``, else None."""
+    for _, _, matmul, prefix in CPU_MATMULS.values():
+        if module.has_variable("params", f"{prefix}_{leaf}"):
+            return matmul, module.get_variable("params", f"{prefix}_{leaf}")
+    return None
 
 
 class RMSNorm(nn.Module):
@@ -216,10 +233,10 @@ class LlamaModel(nn.Module):
     def logits(self, hidden: jax.Array) -> jax.Array:
         """hidden ``[..., embed]`` -> float32 logits ``[..., vocab]``."""
         c = self.config
-        if c.tie_word_embeddings and self.has_variable("params", "amx_lm_head"):  # pack_amx_weights
-            packed = self.get_variable("params", "amx_lm_head")
-            out = amx_matmul(hidden.reshape(-1, c.hidden_size), packed, c.vocab_size)
-            out = out.reshape(*hidden.shape[:-1], c.vocab_size)
+        packed = _packed_matmul(self, "lm_head")
+        if c.tie_word_embeddings and packed is not None:
+            matmul, w = packed
+            out = matmul(hidden.reshape(-1, c.hidden_size), w, c.vocab_size).reshape(*hidden.shape[:-1], c.vocab_size)
         elif c.tie_word_embeddings:
             # Contract against the [vocab, embed] table directly: 2x faster than using its transpose.
             out = _dot(hidden, self.embed_tokens, 1)
@@ -228,27 +245,30 @@ class LlamaModel(nn.Module):
         return out.astype(jnp.float32)
 
 
-def pack_amx_weights(params: Any, config: ModelConfig) -> Any:
-    """``params`` with every bfloat16 linear ``kernel`` replaced by ``amx_kernel``, the same weight
-    in ``pallas_kernels.amx_matmul``'s packed format, which ``Linear`` then multiplies with the
-    AMX kernel (float32 activations only: the CPU's bfloat16 mode). A tied bfloat16 embedding
-    also gets ``amx_lm_head``, its transpose packed for ``logits``; the table stays for lookups."""
-    out = _pack_linear_kernels(params)
+def pack_cpu_weights(params: Any, config: ModelConfig, kernel: str) -> Any:
+    """``params`` with every linear ``kernel`` of the dtype that CPU matmul ``kernel`` (a key of
+    ``CPU_MATMULS``) takes replaced by the same weight in that kernel's packed format
+    (``amx_kernel``: bfloat16 for ``pallas_kernels.amx_matmul``; ``avx512_kernel``: float32 for
+    ``pallas_kernels.f32_matmul``), which ``Linear`` then multiplies with that kernel (float32
+    activations only). A tied embedding of that dtype also gets its transpose packed
+    (``amx_lm_head`` / ``avx512_lm_head``) for ``logits``; the table stays for lookups."""
+    dtype, pack, _, prefix = CPU_MATMULS[kernel]
+    out = _pack_linear_kernels(params, dtype, pack, prefix)
     embed = params["embed_tokens"]
-    if config.tie_word_embeddings and embed.dtype == jnp.bfloat16:
-        out["amx_lm_head"] = amx_pack(embed.T)
+    if config.tie_word_embeddings and embed.dtype == dtype:
+        out[f"{prefix}_lm_head"] = pack(embed.T)
     return out
 
 
-def _pack_linear_kernels(params: Any) -> Any:
+def _pack_linear_kernels(params: Any, dtype, pack, prefix: str) -> Any:
     if not isinstance(params, Mapping):
         return params
     out = {}
     for name, value in params.items():
-        if name == "kernel" and getattr(value, "ndim", 0) == 2 and value.dtype == jnp.bfloat16:
-            out["amx_kernel"] = amx_pack(value)
+        if name == "kernel" and getattr(value, "ndim", 0) == 2 and value.dtype == dtype:
+            out[f"{prefix}_kernel"] = pack(value)
         else:
-            out[name] = _pack_linear_kernels(value)
+            out[name] = _pack_linear_kernels(value, dtype, pack, prefix)
     return out
 
 

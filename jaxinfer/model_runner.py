@@ -22,7 +22,7 @@ from jaxinfer.config import ModelConfig, activation_dtype, kv_cache_dtype
 from jaxinfer.exported_steps import can_export, load_or_export
 from jaxinfer.kv_cache import AttentionMetadata, KVCache
 from jaxinfer.home import jaxinfer_home
-from jaxinfer.model import LlamaModel, fuse_qkv_params, pack_amx_weights
+from jaxinfer.model import CPU_MATMULS, LlamaModel, fuse_qkv_params, pack_cpu_weights
 from jaxinfer.sampler import SampleOutput, SamplingTensors, sample
 from pallas_kernels import cpu_native, dispatch
 
@@ -43,19 +43,21 @@ class ModelRunner:
         where warm-up loads and saves each bucket's traced step; None traces them in process.
         ``dtype``: the weights' (``activation_dtype`` gives the activations'); ``kv_dtype``: the
         unquantized cache's, by default ``kv_cache_dtype(dtype)``.
-        On CPU it turns on jaxinfer's CPU kernels (``pallas_kernels.cpu_native``), and bfloat16
-        weights under float32 activations are packed for the AMX kernel when it can run
-        (``self.amx``)."""
+        On CPU it turns on jaxinfer's CPU kernels (``pallas_kernels.cpu_native``), and weights
+        under float32 activations are packed for the matmul kernel of their dtype when it can run
+        (``self.matmul_kernel`` names it: ``amx_matmul`` for bfloat16, ``f32_matmul`` for float32)."""
         self.config = config
         self.params = fuse_qkv_params(params, config) if fused_qkv else params
         self.buckets = buckets
         act = activation_dtype(dtype)
         self.kernels = (cpu_native.enable(os.path.join(jaxinfer_home(), "native")) if dispatch.cpu_kernels()
                         else cpu_native.CpuKernels())
-        # The CPU's bfloat16 mode: weights packed once for the AMX kernel, when it can run here.
-        self.amx = jnp.dtype(dtype) == jnp.bfloat16 and jnp.dtype(act) == jnp.float32 and self.kernels.amx_matmul
-        if self.amx:
-            self.params = pack_amx_weights(self.params, config)
+        self.matmul_kernel = next(
+            (name for name, (w_dtype, *_) in CPU_MATMULS.items()
+             if jnp.dtype(dtype) == w_dtype and jnp.dtype(act) == jnp.float32 and getattr(self.kernels, name)),
+            None)
+        if self.matmul_kernel is not None:
+            self.params = pack_cpu_weights(self.params, config, self.matmul_kernel)
         self.model = LlamaModel(config, act, fused_qkv)
         kv_dtype = jnp.dtype(kv_dtype or kv_cache_dtype(dtype))
         # Committed to its device, as every step's output cache is: the first step then runs the
@@ -64,7 +66,7 @@ class ModelRunner:
                                     jax.devices()[0])
         self._step = jax.jit(functools.partial(_model_step, self.model), donate_argnums=(1,))
         self._program = (f"model step: {config!r}, {jnp.dtype(dtype)} weights, {jnp.dtype(act)} activations, "
-                         f"{kv_dtype} KV cache, fused_qkv={fused_qkv}, quant_policy={quant_policy}, amx={self.amx}, "
+                         f"{kv_dtype} KV cache, fused_qkv={fused_qkv}, quant_policy={quant_policy}, matmul_kernel={self.matmul_kernel}, "
                          f"{self.kernels}")
         self._exported_steps = exported_steps
         self._warm_steps: dict[tuple[int, int], Any] = {}  # bucket shape -> step loaded by warm-up

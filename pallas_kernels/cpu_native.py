@@ -3,6 +3,7 @@
 On CPU the engine runs XLA's code except where a small kernel of ours is measurably faster:
 
 * ``amx_matmul.cc``: bfloat16-weight matmuls on Intel AMX (``pallas_kernels.amx_matmul``);
+* ``f32_matmul.cc``: float32 matmuls over packed weights with AVX-512 (``pallas_kernels.f32_matmul``);
 * ``paged_attention_cpu.cc``: decode and prefill attention reading float32 or bfloat16 KV pages
   in place, with AVX-512 (``pallas_kernels.paged_attention``'s dispatch point);
 * ``kv_write_cpu.cc``: new tokens' K/V written into bfloat16 pages in place
@@ -35,12 +36,13 @@ import jax
 logger = logging.getLogger("jaxinfer")
 
 HERE = Path(__file__).parent
-SOURCES = (HERE / "amx_matmul.cc", HERE / "paged_attention_cpu.cc", HERE / "kv_write_cpu.cc")
+SOURCES = (HERE / "amx_matmul.cc", HERE / "f32_matmul.cc", HERE / "paged_attention_cpu.cc", HERE / "kv_write_cpu.cc")
 HEADERS = (HERE / "cpu_parallel.h",)
 AMX_MATMUL = "jaxinfer_amx_matmul"
+F32_MATMUL = "jaxinfer_f32_matmul"
 PAGED_ATTENTION = "jaxinfer_paged_attention"
 KV_WRITE = "jaxinfer_kv_write"
-TARGETS = (AMX_MATMUL, PAGED_ATTENTION, KV_WRITE)
+TARGETS = (AMX_MATMUL, F32_MATMUL, PAGED_ATTENTION, KV_WRITE)
 # GCC 12's own AVX-512 intrinsic headers trip -W(maybe-)uninitialized: their shuffles start from
 # a deliberately undefined vector (a known false positive).
 FLAGS = ("-O3", "-std=c++17", "-shared", "-fPIC", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mamx-tile", "-mamx-bf16",
@@ -54,6 +56,7 @@ class CpuKernels:
     paged_attention: bool = False  # AVX-512
     amx_matmul: bool = False  # AMX, granted by the OS
     kv_write: bool = False  # built with the others
+    f32_matmul: bool = False  # AVX-512
 
 
 _kernels = CpuKernels()
@@ -107,7 +110,7 @@ def _load(build_dir: str) -> CpuKernels:
     except (OSError, RuntimeError) as e:
         logger.warning("jaxinfer's CPU kernels are unavailable, XLA's code runs instead: %s", e)
         return CpuKernels()
-    for target in (PAGED_ATTENTION, KV_WRITE):
+    for target in (F32_MATMUL, PAGED_ATTENTION, KV_WRITE):
         jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(getattr(library, target)), platform="cpu")
     amx = False
     if {"amx_tile", "amx_bf16"} <= flags:
@@ -117,7 +120,7 @@ def _load(build_dir: str) -> CpuKernels:
             jax.ffi.register_ffi_target(AMX_MATMUL, jax.ffi.pycapsule(getattr(library, AMX_MATMUL)), platform="cpu")
         else:
             logger.warning("the AMX matmul kernel is unavailable: the OS refused AMX state to this process")
-    return CpuKernels(paged_attention=True, amx_matmul=amx, kv_write=True)
+    return CpuKernels(paged_attention=True, amx_matmul=amx, kv_write=True, f32_matmul=True)
 
 
 def build(build_dir: str) -> str:

@@ -148,9 +148,9 @@ def test_engine_packs_weights_and_gives_the_xla_dots_tokens(tmp_path, family):
     with dispatch.use_implementation("reference"):
         xla = LLM(load_model(path, jnp.bfloat16, progress=False), **options)
         want = tokens(xla)
-    assert not xla.engine.runner.amx
+    assert xla.engine.runner.matmul_kernel is None
     amx = LLM(load_model(path, jnp.bfloat16, progress=False), **options)
-    assert amx.engine.runner.amx
+    assert amx.engine.runner.matmul_kernel == "amx_matmul"
     kernels = jax.tree_util.tree_flatten_with_path(amx.engine.runner.params)[0]
     assert any("amx_kernel" in jax.tree_util.keystr(p) for p, _ in kernels)
     assert not any("'kernel'" in jax.tree_util.keystr(p) for p, _ in kernels)
