@@ -66,8 +66,8 @@ class ModelRunner:
                                     jax.devices()[0])
         self._step = jax.jit(functools.partial(_model_step, self.model), donate_argnums=(1,))
         self._program = (f"model step: {config!r}, {jnp.dtype(dtype)} weights, {jnp.dtype(act)} activations, "
-                         f"{kv_dtype} KV cache, fused_qkv={fused_qkv}, quant_policy={quant_policy}, matmul_kernel={self.matmul_kernel}, "
-                         f"{self.kernels}")
+                         f"{kv_dtype} KV cache, fused_qkv={fused_qkv}, quant_policy={quant_policy}, "
+                         f"matmul_kernel={self.matmul_kernel}, {self.kernels}")
         self._exported_steps = exported_steps
         self._warm_steps: dict[tuple[int, int], Any] = {}  # bucket shape -> step loaded by warm-up
         self._no_history: dict[int, jax.Array] = {}  # per batch size: the all-padding history
