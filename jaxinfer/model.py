@@ -106,6 +106,21 @@ def _packed_matmul(module: nn.Module, leaf: str):
     return None
 
 
+def sum_last_axis(v: jax.Array) -> jax.Array:
+    """``v [..., n]`` -> ``[..., 1]``: halves added pairwise (zero padded to a power of two), so
+    every row's sum takes the same additions in the same order whatever the shape around it.
+    XLA:CPU's own row reductions (``jnp.mean``) change a row's rounding with the number of rows
+    (from 8 rows up, and in prefill chunks); bfloat16 KV pages turned that last-bit difference
+    into different greedy tokens for a request alone and in a batch."""
+    n = v.shape[-1]
+    width = 1 << (n - 1).bit_length()
+    v = jnp.pad(v, [(0, 0)] * (v.ndim - 1) + [(0, width - n)])
+    while width > 1:
+        width //= 2
+        v = v[..., :width] + v[..., width:]
+    return v
+
+
 class RMSNorm(nn.Module):
     eps: float
     axis_name: str = "norm"
@@ -115,7 +130,7 @@ class RMSNorm(nn.Module):
     def __call__(self, x: jax.Array) -> jax.Array:
         scale = _param(self, "scale", (x.shape[-1],), (self.axis_name,), self.dtype, nn.initializers.ones)
         x32 = x.astype(jnp.float32)
-        y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+        y = x32 * jax.lax.rsqrt(sum_last_axis(x32 * x32) / x.shape[-1] + self.eps)
         return y.astype(self.dtype) * scale
 
 
