@@ -1,12 +1,12 @@
 """float32 vs bfloat16 weights on CPU, side by side: SmolLM2-135M decode and prefill step times.
 
-``--dtype bfloat16`` on CPU keeps activations and the KV cache in float32 and rounds each
-matmul's input rows to bfloat16, summing in float32. On a CPU with
+``--dtype bfloat16`` on CPU keeps activations in float32 and rounds each matmul's input rows to
+bfloat16, summing in float32; the KV cache takes the weights' dtype (``--kv-cache-dtype auto``). On a CPU with
 AMX the engine packs the weights once for ``pallas_kernels.amx_matmul``'s kernel ("bfloat16
 AMX"); elsewhere, or with the kernels turned off, XLA's own bfloat16 dots run ("bfloat16 XLA":
 they rearrange the weights on every call). This measures what each buys in the engine's own
 steps: four engines on the same weights (float32, and the same rounded to bfloat16 three times,
-the third with a bfloat16 KV cache) in one process, taking turns (``decode_layout.alternate``).
+the third with a float32 KV cache) in one process, taking turns (``decode_layout.alternate``).
 
 - decode: per batch size, the median time of all pure decode steps (no prefill in them) of
   ``--repeats`` rounds per engine; every request decodes the same prompt, so each engine's
@@ -15,8 +15,8 @@ the third with a bfloat16 KV cache) in one process, taking turns (``decode_layou
   ``--repeats`` per engine, taking turns;
 - how many of bfloat16's greedy tokens agree with float32's (common prefix, batch 1), whether
   the XLA and AMX bfloat16 engines' tokens are identical (they compute the same sums), and how
-  many agree with a fourth engine, bfloat16 AMX with a bfloat16 KV cache (``--kv-cache-dtype
-  bfloat16``; the others keep float32 pages).
+  many agree with a fourth engine, bfloat16 AMX with a float32 KV cache (``--kv-cache-dtype
+  float32``; the other bfloat16 engines have bfloat16 pages, the float32 one float32 pages).
 
     .venv/bin/python benchmarks/weight_dtype.py [--batches 1,4,8,16,32] [--write-results]
 """
@@ -70,7 +70,7 @@ def main() -> None:
     loaded = {"float32": load_model(path, jnp.float32, progress=False),
               "bfloat16 XLA": load_model(path, jnp.bfloat16, progress=False),
               "bfloat16 AMX": load_model(path, jnp.bfloat16, progress=False),
-              "bfloat16 AMX, bfloat16 KV": load_model(path, jnp.bfloat16, progress=False)}
+              "bfloat16 AMX, float32 KV": load_model(path, jnp.bfloat16, progress=False)}
     tokenizer = loaded["float32"].tokenizer
     max_prefill = max(lengths)
     options = {"max_batch_size": max(batches), "max_prefill_tokens": max(512, max_prefill),
@@ -80,17 +80,17 @@ def main() -> None:
         if name == "bfloat16 XLA":  # the AMX kernel off: the weights stay unpacked, XLA's dots run
             with cpu_native.turned_off("amx_matmul"):
                 engines[name] = build_engine(m, progress=False, **options)
-        elif name == "bfloat16 AMX, bfloat16 KV":  # half the bytes per token (opt-in)
-            engines[name] = build_engine(m, progress=False, kv_cache_dtype="bfloat16", **options)
+        elif name == "bfloat16 AMX, float32 KV":  # twice the bytes per token
+            engines[name] = build_engine(m, progress=False, kv_cache_dtype="float32", **options)
         else:
             engines[name] = build_engine(m, progress=False, **options)
     if engines["bfloat16 AMX"].runner.matmul_kernel != "amx_matmul":
         print("note: the AMX kernel is not available here; 'bfloat16 AMX' runs XLA's dots too")
     names = list(engines)
-    f32, xla, amx, amx_bf16kv = names
+    f32, xla, amx, amx_f32kv = names
 
     decode_rows = [f"| batch | {' | '.join(f'{n} ms/step' for n in names)} | {f32} / {amx} | {xla} / {amx} | "
-                   f"{amx} / {amx_bf16kv} | batch-invariant ({', '.join(names)}) |",
+                   f"{amx_f32kv} / {amx} | batch-invariant ({', '.join(names)}) |",
                    "|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
     prompt = prompt_ids(tokenizer, args.prompt_tokens)
     first: dict[str, list[int]] = {}
@@ -101,11 +101,11 @@ def main() -> None:
         invariant = ", ".join("yes" if all(t == first[n] for t in tokens[n]) else "**no**" for n in engines)
         decode_rows.append(f"| {batch} | {' | '.join(f'{med[n]:.1f}' for n in names)} | "
                            f"{med[f32] / med[amx]:.2f}x | {med[xla] / med[amx]:.2f}x | "
-                           f"{med[amx] / med[amx_bf16kv]:.2f}x | {invariant} |")
+                           f"{med[amx_f32kv] / med[amx]:.2f}x | {invariant} |")
         print(decode_rows[-1], flush=True)
 
     prefill_rows = [f"| prompt tokens | {' | '.join(f'{n} ms' for n in names)} | {f32} / {amx} | {xla} / {amx} | "
-                    f"{amx} / {amx_bf16kv} |", "|---:|---:|---:|---:|---:|---:|---:|---:|"]
+                    f"{amx_f32kv} / {amx} |", "|---:|---:|---:|---:|---:|---:|---:|---:|"]
     long_prompt = prompt_ids(tokenizer, max_prefill)
     for n in lengths:
         times: dict[str, list[float]] = {name: [] for name in engines}
@@ -116,7 +116,7 @@ def main() -> None:
                 times[name].append(prefill_step(engine, long_prompt[:n]))
         ms = {k: statistics.median(v) * 1e3 for k, v in times.items()}
         prefill_rows.append(f"| {n} | {' | '.join(f'{ms[k]:.1f}' for k in names)} | {ms[f32] / ms[amx]:.2f}x | "
-                            f"{ms[xla] / ms[amx]:.2f}x | {ms[amx] / ms[amx_bf16kv]:.2f}x |")
+                            f"{ms[xla] / ms[amx]:.2f}x | {ms[amx_f32kv] / ms[amx]:.2f}x |")
         print(prefill_rows[-1], flush=True)
 
     agree = common_prefix(first[f32], first[amx])
@@ -129,11 +129,11 @@ def main() -> None:
          f"{engines[amx].runner.matmul_kernel == 'amx_matmul'}); float32: matmul kernel "
          f"{engines[f32].runner.matmul_kernel}; bfloat16 XLA: built with `cpu_native.turned_off('amx_matmul')`. KV cache: "
          + ", ".join(f"{n} {e.runner.cache.layers[0].k.dtype}" for n, e in engines.items())
-         + f" (`--kv-cache-dtype auto`: float32 on CPU). CPU attention kernel in all: "
+         + f" (`--kv-cache-dtype auto`: the weights' dtype). CPU attention kernel in all: "
          f"{engines[f32].runner.kernels.paged_attention}."),
         (f"- Greedy tokens at batch 1: bfloat16 AMX vs float32 common prefix {agree}/{args.decode_tokens}; "
-         f"bfloat16 AMX vs bfloat16 XLA identical: {first[amx] == first[xla]}; bfloat16 AMX vs its bfloat16-KV twin "
-         f"common prefix {common_prefix(first[amx], first[amx_bf16kv])}/{args.decode_tokens}."),
+         f"bfloat16 AMX vs bfloat16 XLA identical: {first[amx] == first[xla]}; bfloat16 AMX vs its float32-KV twin "
+         f"common prefix {common_prefix(first[amx], first[amx_f32kv])}/{args.decode_tokens}."),
         f"- Load: before `{load_before}`; after `{load_average()}`.",
     ]
     publish("Weight dtype on CPU: float32 vs bfloat16 weights (float32 activations; XLA dots vs AMX kernel; "

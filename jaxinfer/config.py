@@ -35,13 +35,12 @@ KV_CACHE_DTYPES = ("auto", "float32", "bfloat16")
 
 
 def kv_cache_dtype(weight_dtype, choice: str = "auto"):
-    """The dtype of unquantized K/V pages: ``choice``, or for ``"auto"`` the activations' (the
-    weights' on GPU; float32 on CPU). ``"bfloat16"`` on CPU halves the bytes per token under
-    float32 activations (attention widens each value as it reads it); it is opt-in there because
-    with it the bfloat16-weight engine's greedy tokens depended on the batch size (docs/ARCHITECTURE.md)."""
+    """The dtype of unquantized K/V pages: ``choice``, or for ``"auto"`` the weights' (as vLLM's
+    and LMDeploy's default). bfloat16 pages under the CPU's float32 activations halve the bytes
+    per token: attention widens each value as it reads it (docs/ARCHITECTURE.md)."""
     if choice not in KV_CACHE_DTYPES:
         raise ValueError(f"kv_cache_dtype must be one of {KV_CACHE_DTYPES}, got {choice!r}")
-    return jnp.dtype(activation_dtype(weight_dtype) if choice == "auto" else choice)
+    return jnp.dtype(weight_dtype if choice == "auto" else choice)
 
 
 @dataclass(frozen=True)

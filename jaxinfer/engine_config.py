@@ -42,8 +42,8 @@ class EngineConfig:
     session_len: int | None = _opt(None, "longest sequence (prompt + output); default: the model's context length")
     enable_prefix_caching: bool = _opt(False, "share KV pages between requests with a common prefix")
     quant_policy: int = _opt(0, "KV cache quantization: 0 (off), 8 (int8) or 4 (int4), per token per head")
-    kv_cache_dtype: str = _opt("auto", "dtype of the KV cache when not quantized: auto (the activations': "
-                                       "float32 on CPU, the weights' on GPU), float32 or bfloat16")
+    kv_cache_dtype: str = _opt("auto", "dtype of the KV cache when not quantized: auto (the weights'), "
+                                       "float32 or bfloat16")
 
     def __post_init__(self):
         object.__setattr__(self, "cache_max_entry_count", parse_cache_max_entry_count(self.cache_max_entry_count))

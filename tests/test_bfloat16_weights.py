@@ -95,7 +95,7 @@ def test_engine_batch_invariance_and_no_compiles(tiny):
     path, _ = tiny
     llm = LLM(load_model(path, jnp.bfloat16, progress=False), progress=False, max_batch_size=4,
               max_prefill_tokens=32, cache_block_seq_len=16, cache_max_entry_count=64)
-    assert {a.dtype for a in jax.tree.leaves(llm.engine.runner.cache)} == {jnp.dtype(jnp.float32)}
+    assert {a.dtype for a in jax.tree.leaves(llm.engine.runner.cache)} == {jnp.dtype(jnp.bfloat16)}  # auto
     greedy = SamplingParams(temperature=0, max_tokens=20, ignore_eos=True)
     rng = np.random.default_rng(5)
     prompts = [rng.integers(3, 256, size=int(n)).tolist() for n in (2, 9, 37, 60)]
