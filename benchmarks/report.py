@@ -59,6 +59,25 @@ def load_average() -> str:
     return _run(["uptime"], "load average: %.2f, %.2f, %.2f" % os.getloadavg())
 
 
+def cpu_times() -> list[int]:
+    """The machine's cumulative CPU time counters (Linux's /proc/stat; empty elsewhere)."""
+    try:
+        with open("/proc/stat") as f:
+            return [int(v) for v in f.readline().split()[1:]]
+    except (OSError, ValueError):
+        return []
+
+
+def stolen_since(before: list[int]) -> str:
+    """The share of CPU time since ``before`` (``cpu_times``) that the hypervisor gave to other
+    guests: on these shared VMs the cause of most run-to-run noise."""
+    after = cpu_times()
+    if len(before) < 8 or len(after) < 8:
+        return "CPU steal time unknown"
+    delta = [b - a for a, b in zip(before, after)]
+    return f"CPU time stolen by the hypervisor during the run: {100 * delta[7] / max(1, sum(delta)):.1f}%"
+
+
 def append_results(text: str) -> None:
     new = not os.path.exists(RESULTS)
     with open(RESULTS, "a") as f:

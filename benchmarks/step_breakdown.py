@@ -1,5 +1,5 @@
 """What parts of a decode step cost, measured by taking them out: SmolLM2-135M decode steps
-of the engine as shipped, side by side with three what-if variants of it.
+of the engine as shipped, side by side with four what-if variants of it.
 
 - ``no attention``: paged attention replaced by a copy of the queries (KV writes, projections,
   MLP and LM head unchanged). Its step time is the engine's minus what attention costs, so
@@ -7,6 +7,10 @@ of the engine as shipped, side by side with three what-if variants of it.
   from matmul benchmarks. Its tokens are meaningless and not compared.
 - ``XLA attention``: jaxinfer's CPU attention kernel (``pallas_kernels/paged_attention_cpu.cc``)
   off, so decode attention runs the jnp reference through XLA. Its tokens must equal the engine's.
+- ``XLA matmuls``: jaxinfer's CPU matmul kernels (``pallas_kernels/f32_matmul.cc``,
+  ``amx_matmul.cc``) off, so the weights stay unpacked and XLA's dots run. With bfloat16 weights
+  its tokens must equal the engine's (the AMX kernel repeats XLA's sums); float32 sums differ in
+  order, so there they may part after many tokens.
 - ``gate/up fused``: each MLP's gate and up projections concatenated into one [576, 3072] matmul,
   as the engine already does for q/k/v. Its tokens must equal the engine's.
 
@@ -26,7 +30,7 @@ from collections.abc import Iterator
 
 from decode import prompt_ids
 from decode_layout import alternate
-from report import load_average, publish
+from report import cpu_times, load_average, publish, stolen_since
 
 
 @contextlib.contextmanager
@@ -97,7 +101,7 @@ def main() -> None:
     ap.add_argument("--write-results", action="store_true", help="append a dated section to benchmarks/RESULTS.md")
     args = ap.parse_args()
     batches = [int(b) for b in args.batches.split(",")]
-    load_before = load_average()
+    load_before, times_before = load_average(), cpu_times()
 
     import jax.numpy as jnp
 
@@ -116,6 +120,7 @@ def main() -> None:
         "engine": (loaded.params, contextlib.nullcontext),
         "no attention": (loaded.params, no_attention),
         "XLA attention": (loaded.params, lambda: cpu_native.turned_off("paged_attention")),
+        "XLA matmuls": (loaded.params, lambda: cpu_native.turned_off("f32_matmul", "amx_matmul")),
         "gate/up fused": (fuse_gate_up_params(loaded.params, loaded.config.num_layers), gate_up_module),
     }
     engines = {}
@@ -129,15 +134,17 @@ def main() -> None:
         engines[name] = engine
 
     rows = [("| batch | engine ms/step | no attention ms/step | attention's share | XLA attention ms/step "
-             "| XLA attention / engine | XLA attention tokens equal | gate/up fused ms/step "
-             "| engine / gate/up fused | gate/up tokens equal |"), "|---:|---:|---:|---:|---:|---:|---|---:|---:|---|"]
+             "| XLA attention / engine | XLA attention tokens equal | XLA matmuls ms/step | XLA matmuls / engine "
+             "| XLA matmuls tokens equal | gate/up fused ms/step | engine / gate/up fused | gate/up tokens equal |"),
+            "|---:|---:|---:|---:|---:|---:|---|---:|---:|---|---:|---:|---|"]
     for batch in batches:
         med, tokens = alternate(engines, prompt, batch, args.decode_tokens, args.repeats)
         share = (med["engine"] - med["no attention"]) / med["engine"]
-        same = {k: "yes" if tokens["engine"] == tokens[k] else "**no**" for k in ("XLA attention", "gate/up fused")}
+        same = {k: "yes" if tokens["engine"] == tokens[k] else "**no**" for k in ("XLA attention", "XLA matmuls", "gate/up fused")}
         rows.append(f"| {batch} | {med['engine']:.1f} | {med['no attention']:.1f} | {share:.0%} | "
                     f"{med['XLA attention']:.1f} | {med['XLA attention'] / med['engine']:.2f}x | "
-                    f"{same['XLA attention']} | {med['gate/up fused']:.1f} | "
+                    f"{same['XLA attention']} | {med['XLA matmuls']:.1f} | {med['XLA matmuls'] / med['engine']:.2f}x | "
+                    f"{same['XLA matmuls']} | {med['gate/up fused']:.1f} | "
                     f"{med['engine'] / med['gate/up fused']:.2f}x | {same['gate/up fused']} |")
         print(rows[-1], flush=True)
     notes = [
@@ -146,9 +153,9 @@ def main() -> None:
          f"{args.decode_tokens} greedy tokens per request (context {args.prompt_tokens}-"
          f"{args.prompt_tokens + args.decode_tokens}), {args.repeats} repeats per engine alternating; median over "
          "all pure decode steps. attention's share = (engine - no attention) / engine."),
-        f"- Load: before `{load_before}`; after `{load_average()}`.",
+        f"- Load: before `{load_before}`; after `{load_average()}`. {stolen_since(times_before)}.",
     ]
-    publish(f"Decode step breakdown: attention's share, attention kernel, gate/up fusion, SmolLM2-135M {args.dtype} "
+    publish(f"Decode step breakdown: attention's share, attention and matmul kernels, gate/up fusion, SmolLM2-135M {args.dtype} "
             "weights", rows, notes,
             write=args.write_results)
 

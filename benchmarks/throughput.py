@@ -65,7 +65,7 @@ os.environ.setdefault("TQDM_DISABLE", "1")
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 
-from report import REPO, common_prefix, load_average, plot_reference, publish  # noqa: E402
+from report import REPO, common_prefix, cpu_times, load_average, plot_reference, publish, stolen_since  # noqa: E402
 
 import peers  # noqa: E402
 
@@ -321,7 +321,7 @@ def main() -> None:
         args.plot = DEFAULT_PLOT
 
     b_max, n_in, n_out = max(args.batch_list), args.input_len, args.output_len
-    load_before = load_average()
+    load_before, times_before = load_average(), cpu_times()
     t_start = time.perf_counter()
 
     startup = measure_startup(args) if args.startup else None
@@ -413,7 +413,7 @@ def main() -> None:
                 record(name, b, peer.run(prompts[:b], n_out))
         for name, peer in llamas.items():
             record(name, 1, peer.run(prompts[0], n_out))
-    load_after = load_average()
+    load_after, stolen = load_average(), stolen_since(times_before)
     elapsed = time.perf_counter() - t_start
     for peer in llamas.values():
         peer.close()
@@ -585,7 +585,7 @@ def main() -> None:
             f"after the warm one. Converting the embedded Q4_1 GGUF into the fresh home (one-time, not in the figures "
             f"above): {conv['total_s']:.1f} s process start to done."
         ]
-    notes.append(f"- Load: before `{load_before}`; after `{load_after}`. Whole run {elapsed / 60:.1f} min.")
+    notes.append(f"- Load: before `{load_before}`; after `{load_after}`. Whole run {elapsed / 60:.1f} min. {stolen}.")
 
     precision = "fp32 and bf16" if args.bf16 else "fp32"
     title = (f"SmolLM2-135M {precision}, {n_in} in / {n_out} out, median of {args.repeats} "
