@@ -140,7 +140,8 @@ def main() -> None:
     for batch in batches:
         med, tokens = alternate(engines, prompt, batch, args.decode_tokens, args.repeats)
         share = (med["engine"] - med["no attention"]) / med["engine"]
-        same = {k: "yes" if tokens["engine"] == tokens[k] else "**no**" for k in ("XLA attention", "XLA matmuls", "gate/up fused")}
+        same = {k: "yes" if tokens["engine"] == tokens[k] else "**no**"
+                for k in ("XLA attention", "XLA matmuls", "gate/up fused")}
         rows.append(f"| {batch} | {med['engine']:.1f} | {med['no attention']:.1f} | {share:.0%} | "
                     f"{med['XLA attention']:.1f} | {med['XLA attention'] / med['engine']:.2f}x | "
                     f"{same['XLA attention']} | {med['XLA matmuls']:.1f} | {med['XLA matmuls'] / med['engine']:.2f}x | "
@@ -155,7 +156,8 @@ def main() -> None:
          "all pure decode steps. attention's share = (engine - no attention) / engine."),
         f"- Load: before `{load_before}`; after `{load_average()}`. {stolen_since(times_before)}.",
     ]
-    publish(f"Decode step breakdown: attention's share, attention and matmul kernels, gate/up fusion, SmolLM2-135M {args.dtype} "
+    publish("Decode step breakdown: attention's share, attention and matmul kernels, gate/up fusion, "
+            f"SmolLM2-135M {args.dtype} "
             "weights", rows, notes,
             write=args.write_results)
 

@@ -127,7 +127,8 @@ def main() -> None:
          f"median of {args.repeats} single-request prefill steps per engine, taking turns, after one untimed."),
         (f"- bfloat16 AMX: weights packed for `pallas_kernels.amx_matmul` (in use: "
          f"{engines[amx].runner.matmul_kernel == 'amx_matmul'}); float32: matmul kernel "
-         f"{engines[f32].runner.matmul_kernel}; bfloat16 XLA: built with `cpu_native.turned_off('amx_matmul')`. KV cache: "
+         f"{engines[f32].runner.matmul_kernel}; bfloat16 XLA: built with `cpu_native.turned_off('amx_matmul')`. "
+         "KV cache: "
          + ", ".join(f"{n} {e.runner.cache.layers[0].k.dtype}" for n, e in engines.items())
          + f" (`--kv-cache-dtype auto`: the weights' dtype). CPU attention kernel in all: "
          f"{engines[f32].runner.kernels.paged_attention}."),
