@@ -2,7 +2,8 @@
 the CPU kernels (``cpu_native``), and the engine with weights packed for the matmul.
 
 The kernel tests need a CPU with AMX and a C++ compiler (this project's machines have both) and
-are skipped elsewhere; the packing and build-failure tests run anywhere.
+are skipped elsewhere; the packing and build-failure tests run anywhere. What both
+matmul kernels promise (batch independence, NaNs, dispatch, refusals) is in ``test_cpu_matmuls.py``.
 """
 
 import jax
@@ -80,41 +81,6 @@ def test_input_rounding_is_xlas(enabled):
     normal = np.abs(np.asarray(x)) >= np.finfo(np.float32).tiny  # AMX's products flush subnormals
     rounded = np.asarray(x.astype(jnp.bfloat16).astype(jnp.float32))
     assert np.array_equal(got[:, :k][normal], rounded[normal])
-
-
-@needs_amx
-def test_nan_stays_in_its_row(enabled):
-    x, w = operands(3, 64, 32)
-    y = np.asarray(amx_matmul.amx_matmul_kernel(x.at[1, 5].set(jnp.nan), amx_matmul.pack(w), 32))
-    assert np.isnan(y[1]).all() and np.isfinite(y[[0, 2]]).all()
-
-
-@needs_amx
-def test_rows_do_not_depend_on_the_batch(enabled):
-    x, w = operands(40, 576, 960, seed=1)
-    packed = amx_matmul.pack(w)
-    full = np.asarray(amx_matmul.amx_matmul_kernel(x, packed, 960))
-    for lo, hi in [(0, 1), (5, 7), (13, 30), (39, 40)]:
-        assert np.array_equal(np.asarray(amx_matmul.amx_matmul_kernel(x[lo:hi], packed, 960)), full[lo:hi])
-
-
-@needs_amx
-def test_dispatch_runs_the_kernel_unless_an_implementation_is_forced(enabled):
-    x, w = operands(4, 64, 48)
-    packed = amx_matmul.pack(w)
-
-    def lowered():  # a new function each time: jit would reuse an earlier trace of the same one
-        return jax.jit(lambda a, b: amx_matmul.amx_matmul(a, b, 48)).lower(x, packed).as_text()
-
-    assert cpu_native.AMX_MATMUL in lowered()
-    with dispatch.use_implementation("reference"):
-        assert cpu_native.AMX_MATMUL not in lowered()
-
-
-def test_mismatched_packed_weights_are_refused():
-    x, w = operands(2, 64, 48)
-    with pytest.raises(ValueError, match=r"do not hold a \[64, 20\] matrix"):
-        amx_matmul.amx_matmul(x, amx_matmul.pack(w), 20)
 
 
 def test_a_build_replaces_earlier_builds(tmp_path):

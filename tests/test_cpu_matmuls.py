@@ -1,0 +1,84 @@
+"""What both CPU matmul kernels over packed weights promise (``pallas_kernels.amx_matmul``,
+``pallas_kernels.f32_matmul``): a row's result does not depend on the batch, a NaN stays in its
+row, the dispatch point runs the kernel unless an implementation is forced, and weights packed
+for another shape are refused. Each kernel's own numerics are tested beside it
+(``test_amx_matmul.py``, ``test_f32_matmul.py``)."""
+
+from dataclasses import dataclass
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxinfer.home import jaxinfer_home
+from pallas_kernels import amx_matmul, cpu_native, dispatch, f32_matmul
+
+
+@dataclass(frozen=True)
+class Kernel:
+    name: str  # the CpuKernels field
+    weight_dtype: object
+    pack: Callable
+    kernel: Callable  # (x, packed, n) -> y, the FFI call
+    matmul: Callable  # the dispatch point
+    target: str
+    cpu_flags: frozenset
+
+
+KERNELS = [
+    Kernel("amx_matmul", jnp.bfloat16, amx_matmul.pack, amx_matmul.amx_matmul_kernel, amx_matmul.amx_matmul,
+           cpu_native.AMX_MATMUL, frozenset({"amx_tile", "amx_bf16", "avx512f"})),
+    Kernel("f32_matmul", jnp.float32, f32_matmul.pack, f32_matmul.f32_matmul_kernel, f32_matmul.f32_matmul,
+           cpu_native.F32_MATMUL, frozenset({"avx512f", "avx512bw", "avx512vl"})),
+]
+
+
+@pytest.fixture(params=KERNELS, ids=lambda k: k.name)
+def kernel(request):
+    k = request.param
+    if not k.cpu_flags <= cpu_native.cpu_flags():
+        pytest.skip(f"the CPU lacks {sorted(k.cpu_flags - cpu_native.cpu_flags())}")
+    if not getattr(cpu_native.enable(f"{jaxinfer_home()}/native"), k.name):
+        pytest.fail(f"the CPU can run {k.name} but it could not be built or enabled (see the log)")
+    return k
+
+
+def operands(k: Kernel, m, kdim, n, seed=0):
+    rng = np.random.default_rng(seed)
+    x = jnp.asarray(rng.standard_normal((m, kdim)), jnp.float32)
+    w = jnp.asarray(rng.standard_normal((kdim, n)) * 0.1, k.weight_dtype)
+    return x, k.pack(w)
+
+
+def test_rows_do_not_depend_on_the_batch(kernel):
+    """Bit for bit, across the kernels' row tiles (16 or 6 rows) and work items (48 rows)."""
+    x, packed = operands(kernel, 100, 576, 960, seed=1)
+    full = np.asarray(kernel.kernel(x, packed, 960))
+    for lo, hi in [(0, 1), (5, 7), (13, 30), (39, 40), (40, 57), (99, 100)]:
+        assert np.array_equal(np.asarray(kernel.kernel(x[lo:hi], packed, 960)), full[lo:hi]), (lo, hi)
+
+
+def test_nan_stays_in_its_row(kernel):
+    x, packed = operands(kernel, 3, 64, 32)
+    y = np.asarray(kernel.kernel(x.at[1, 5].set(jnp.nan), packed, 32))
+    assert np.isnan(y[1]).all() and np.isfinite(y[[0, 2]]).all()
+
+
+def test_dispatch_runs_the_kernel_unless_an_implementation_is_forced(kernel):
+    x, packed = operands(kernel, 4, 64, 48)
+
+    def lowered():  # a new function each time: jit would reuse an earlier trace of the same one
+        return jax.jit(lambda a, b: kernel.matmul(a, b, 48)).lower(x, packed).as_text()
+
+    assert kernel.target in lowered()
+    with dispatch.use_implementation("reference"):
+        assert kernel.target not in lowered()
+
+
+@pytest.mark.parametrize("k", KERNELS, ids=lambda k: k.name)
+def test_mismatched_packed_weights_are_refused(k):
+    x, packed = operands(k, 2, 64, 48)
+    with pytest.raises(ValueError, match=r"do not hold a \[64, 20\] matrix"):
+        k.matmul(x, packed, 20)
