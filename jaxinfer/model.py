@@ -43,7 +43,7 @@ Dtype = Any
 # packing, matmul, prefix of the packed leaves' names).
 CPU_MATMULS = {
     "amx_matmul": (jnp.bfloat16, amx_pack, amx_matmul, "amx"),
-    "f32_matmul": (jnp.float32, f32_pack, f32_matmul, "avx512"),
+    "f32_matmul": (jnp.float32, f32_pack, f32_matmul, "f32"),
 }
 
 
@@ -263,10 +263,10 @@ class LlamaModel(nn.Module):
 def pack_cpu_weights(params: Any, config: ModelConfig, kernel: str) -> Any:
     """``params`` with every linear ``kernel`` of the dtype that CPU matmul ``kernel`` (a key of
     ``CPU_MATMULS``) takes replaced by the same weight in that kernel's packed format
-    (``amx_kernel``: bfloat16 for ``pallas_kernels.amx_matmul``; ``avx512_kernel``: float32 for
+    (``amx_kernel``: bfloat16 for ``pallas_kernels.amx_matmul``; ``f32_kernel``: float32 for
     ``pallas_kernels.f32_matmul``), which ``Linear`` then multiplies with that kernel (float32
     activations only). A tied embedding of that dtype also gets its transpose packed
-    (``amx_lm_head`` / ``avx512_lm_head``) for ``logits``; the table stays for lookups."""
+    (``amx_lm_head`` / ``f32_lm_head``) for ``logits``; the table stays for lookups."""
     dtype, pack, _, prefix = CPU_MATMULS[kernel]
     out = _pack_linear_kernels(params, dtype, pack, prefix)
     embed = params["embed_tokens"]

@@ -3,17 +3,18 @@
 On CPU the engine runs XLA's code except where a small kernel of ours is measurably faster:
 
 * ``amx_matmul.cc``: bfloat16-weight matmuls on Intel AMX (``pallas_kernels.amx_matmul``);
-* ``f32_matmul.cc``: float32 matmuls over packed weights with AVX-512 (``pallas_kernels.f32_matmul``);
+* ``f32_matmul.cc``: float32 matmuls over packed weights (``pallas_kernels.f32_matmul``);
 * ``paged_attention_cpu.cc``: decode and prefill attention reading float32 or bfloat16 KV pages
-  in place, with AVX-512 (``pallas_kernels.paged_attention``'s dispatch point);
+  in place (``pallas_kernels.paged_attention``'s dispatch point);
 * ``kv_write_cpu.cc``: new tokens' K/V written into bfloat16 pages in place
   (``pallas_kernels.kv_write_cpu``), where XLA's scatter would widen the whole pool.
 
 XLA calls them through its FFI (``jax.ffi``), on its own intra-op thread pool. They are compiled
-together into one shared library on first use, with the system's C++ compiler against JAX's FFI
-headers, and kept in a directory the caller names (the engine uses ``$JAXINFER_HOME/native``).
-Without AVX-512, a compiler or (for the matmul) AMX and the OS's permission to use it, ``enable``
-logs why and the engine keeps XLA's code.
+together into one shared library on first use, for the best instruction-set level this CPU runs
+(``LEVELS``: AVX-512 with AMX, or AVX2 with FMA), with the system's C++ compiler against JAX's
+FFI headers, and kept in a directory the caller names (the engine uses ``$JAXINFER_HOME/native``).
+Without one of those levels, a compiler or (for the bfloat16 matmul) AMX and the OS's permission
+to use it, ``enable`` logs why and the engine keeps XLA's code.
 """
 
 from __future__ import annotations
@@ -36,8 +37,7 @@ import jax
 logger = logging.getLogger("jaxinfer")
 
 HERE = Path(__file__).parent
-SOURCES = (HERE / "amx_matmul.cc", HERE / "f32_matmul.cc", HERE / "paged_attention_cpu.cc", HERE / "kv_write_cpu.cc")
-HEADERS = (HERE / "cpu_parallel.h",)
+HEADERS = (HERE / "cpu_parallel.h", HERE / "cpu_vec16.h")
 AMX_MATMUL = "jaxinfer_amx_matmul"
 F32_MATMUL = "jaxinfer_f32_matmul"
 PAGED_ATTENTION = "jaxinfer_paged_attention"
@@ -45,18 +45,43 @@ KV_WRITE = "jaxinfer_kv_write"
 TARGETS = (AMX_MATMUL, F32_MATMUL, PAGED_ATTENTION, KV_WRITE)
 # GCC 12's own AVX-512 intrinsic headers trip -W(maybe-)uninitialized: their shuffles start from
 # a deliberately undefined vector (a known false positive).
-FLAGS = ("-O3", "-std=c++17", "-shared", "-fPIC", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mamx-tile", "-mamx-bf16",
-         "-Wall", "-Wextra", "-Wno-maybe-uninitialized", "-Wno-uninitialized")
+COMMON_FLAGS = ("-O3", "-std=c++17", "-shared", "-fPIC", "-Wall", "-Wextra", "-Wno-maybe-uninitialized",
+                "-Wno-uninitialized")
+
+
+@dataclasses.dataclass(frozen=True)
+class IsaLevel:
+    """One build of the kernels: for CPUs with ``cpu_flags``, compiled with ``compile_flags``;
+    ``targets``: the FFI targets it holds, by ``CpuKernels`` field."""
+
+    name: str
+    cpu_flags: frozenset[str]
+    compile_flags: tuple[str, ...]
+    sources: tuple[Path, ...]
+    targets: tuple[tuple[str, str], ...]
+
+
+# Best first. The kernels are written once against cpu_vec16.h's 16-lane vectors; AMX is the
+# AVX-512 build's alone. The AVX2 build serves AMD EPYC and older Intel CPUs.
+LEVELS = (
+    IsaLevel("avx512", frozenset({"avx512f", "avx512bw", "avx512vl"}),
+             ("-mavx512f", "-mavx512bw", "-mavx512vl", "-mamx-tile", "-mamx-bf16"),
+             (HERE / "amx_matmul.cc", HERE / "f32_matmul.cc", HERE / "paged_attention_cpu.cc", HERE / "kv_write_cpu.cc"),
+             (("f32_matmul", F32_MATMUL), ("paged_attention", PAGED_ATTENTION), ("kv_write", KV_WRITE))),
+    IsaLevel("avx2", frozenset({"avx2", "fma"}), ("-mavx2", "-mfma"),
+             (HERE / "f32_matmul.cc", HERE / "paged_attention_cpu.cc", HERE / "kv_write_cpu.cc"),
+             (("f32_matmul", F32_MATMUL), ("paged_attention", PAGED_ATTENTION), ("kv_write", KV_WRITE))),
+)
 
 
 @dataclasses.dataclass(frozen=True)
 class CpuKernels:
     """Which kernels XLA can call in this process."""
 
-    paged_attention: bool = False  # AVX-512
+    paged_attention: bool = False  # AVX-512 or AVX2
     amx_matmul: bool = False  # AMX, granted by the OS
-    kv_write: bool = False  # built with the others
-    f32_matmul: bool = False  # AVX-512
+    kv_write: bool = False  # AVX-512 or AVX2 builds
+    f32_matmul: bool = False  # AVX-512 or AVX2
 
 
 _kernels = CpuKernels()
@@ -92,6 +117,23 @@ def cpu_flags() -> set[str]:
     return set(next((line for line in text.splitlines() if line.startswith("flags")), "").split())
 
 
+def isa_level(flags: set[str] | None = None) -> IsaLevel | None:
+    """The best build this CPU runs (``flags``: its feature flags, by default ``cpu_flags()``)."""
+    flags = cpu_flags() if flags is None else flags
+    return next((level for level in LEVELS if level.cpu_flags <= flags), None)
+
+
+def runs_here(kernel: str) -> bool:
+    """Whether this CPU can run ``kernel`` (a ``CpuKernels`` field) once it is built; for AMX,
+    also once the OS grants its state."""
+    level = isa_level()
+    if level is None:
+        return False
+    if kernel == "amx_matmul":
+        return HERE / "amx_matmul.cc" in level.sources and {"amx_tile", "amx_bf16"} <= cpu_flags()
+    return kernel in dict(level.targets)
+
+
 def enable(build_dir: str) -> CpuKernels:
     """Build (or find built) the kernels under ``build_dir``, register those this CPU runs with
     XLA, and turn them on; what is on, with the reason for what is not logged once."""
@@ -102,36 +144,37 @@ def enable(build_dir: str) -> CpuKernels:
 
 @functools.cache
 def _load(build_dir: str) -> CpuKernels:
-    flags = cpu_flags()
-    if jax.default_backend() != "cpu" or not {"avx512f", "avx512bw", "avx512vl"} <= flags:
+    level = isa_level()
+    if jax.default_backend() != "cpu" or level is None:
         return CpuKernels()
     try:
-        library = ctypes.CDLL(build(build_dir))
+        library = ctypes.CDLL(build(build_dir, level))
     except (OSError, RuntimeError) as e:
         logger.warning("jaxinfer's CPU kernels are unavailable, XLA's code runs instead: %s", e)
         return CpuKernels()
-    for target in (F32_MATMUL, PAGED_ATTENTION, KV_WRITE):
+    for _, target in level.targets:
         jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(getattr(library, target)), platform="cpu")
-    amx = False
-    if {"amx_tile", "amx_bf16"} <= flags:
+    on = {name: True for name, _ in level.targets}
+    if HERE / "amx_matmul.cc" in level.sources and {"amx_tile", "amx_bf16"} <= cpu_flags():
         library.jaxinfer_amx_request.restype = ctypes.c_bool
-        amx = library.jaxinfer_amx_request()
-        if amx:
+        if library.jaxinfer_amx_request():
             jax.ffi.register_ffi_target(AMX_MATMUL, jax.ffi.pycapsule(getattr(library, AMX_MATMUL)), platform="cpu")
+            on["amx_matmul"] = True
         else:
             logger.warning("the AMX matmul kernel is unavailable: the OS refused AMX state to this process")
-    return CpuKernels(paged_attention=True, amx_matmul=amx, kv_write=True, f32_matmul=True)
+    return CpuKernels(**on)
 
 
-def build(build_dir: str) -> str:
-    """Path of the shared library for these sources and this JAX, compiled if missing (atomically:
-    a concurrent or interrupted build never leaves a partial file under the final name); a new
-    build removes the libraries of earlier sources."""
+def build(build_dir: str, level: IsaLevel) -> str:
+    """Path of the shared library of ``level`` for these sources and this JAX, compiled if missing
+    (atomically: a concurrent or interrupted build never leaves a partial file under the final
+    name); a new build removes the level's libraries of earlier sources."""
     include = jax.ffi.include_dir()
-    h = hashlib.sha256(" ".join(FLAGS).encode() + include.encode() + jax.__version__.encode())
-    for path in (*SOURCES, *HEADERS):
+    flags = (*COMMON_FLAGS, *level.compile_flags)
+    h = hashlib.sha256(" ".join(flags).encode() + include.encode() + jax.__version__.encode())
+    for path in (*level.sources, *HEADERS):
         h.update(path.read_bytes())
-    path = os.path.join(build_dir, f"jaxinfer_cpu-{h.hexdigest()[:16]}.so")
+    path = os.path.join(build_dir, f"jaxinfer_cpu_{level.name}-{h.hexdigest()[:16]}.so")
     if os.path.exists(path):
         return path
     compiler = os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++")
@@ -140,13 +183,13 @@ def build(build_dir: str) -> str:
     os.makedirs(build_dir, exist_ok=True)
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=build_dir)
     os.close(fd)
-    cmd = [compiler, *FLAGS, "-isystem", include, f"-I{HERE}", *map(str, SOURCES), "-o", tmp]
+    cmd = [compiler, *flags, "-isystem", include, f"-I{HERE}", *map(str, level.sources), "-o", tmp]
     try:
         done = subprocess.run(cmd, capture_output=True, text=True)
         if done.returncode != 0:
             raise RuntimeError(f"{' '.join(cmd)} failed:\n{done.stderr[-2000:]}")
         os.replace(tmp, path)
-        for old in Path(build_dir).glob("jaxinfer_cpu-*.so"):  # earlier sources' builds
+        for old in Path(build_dir).glob(f"jaxinfer_cpu_{level.name}-*.so"):  # earlier sources' builds
             if str(old) != path:
                 old.unlink(missing_ok=True)
     finally:

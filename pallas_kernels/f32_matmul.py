@@ -1,4 +1,4 @@
-"""float32 matmuls on CPU with AVX-512, over weights packed once into column blocks.
+"""float32 matmuls on CPU with AVX-512 or AVX2, over weights packed once into column blocks.
 
 At decode's few rows a linear layer is one pass over its weights, and XLA:CPU's float32 dot
 reads them at ~14 GB/s there, half of what two cores read (``benchmarks/cpu_limits.py``); at
@@ -22,7 +22,7 @@ import jax.numpy as jnp
 
 from pallas_kernels import cpu_native, dispatch
 
-BLOCK_COLS = 16  # output columns of one packed block (one AVX-512 register)
+BLOCK_COLS = 16  # output columns of one packed block (one AVX-512 register, two AVX2 ones)
 
 
 def pack(w: jax.Array) -> jax.Array:
@@ -45,7 +45,7 @@ def f32_matmul_reference(x: jax.Array, packed: jax.Array, n: int) -> jax.Array:
 
 
 def f32_matmul_kernel(x: jax.Array, packed: jax.Array, n: int) -> jax.Array:
-    """The AVX-512 kernel (``cpu_native.enable`` must have turned it on); shapes as in the reference."""
+    """The kernel (``cpu_native.enable`` must have turned it on); shapes as in the reference."""
     _validate(x, packed, n)
     return jax.ffi.ffi_call(cpu_native.F32_MATMUL, jax.ShapeDtypeStruct((x.shape[0], n), jnp.float32))(x, packed)
 

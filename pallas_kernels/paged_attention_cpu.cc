@@ -1,4 +1,4 @@
-// Paged attention over float32 or bfloat16 KV pages, on CPU with AVX-512: what
+// Paged attention over float32 or bfloat16 KV pages, on CPU with AVX-512 or AVX2: what
 // paged_attention_reference computes, for decode (one query token per sequence) and prefill
 // chunks alike, reading each visible key and value straight from its page instead of gathering
 // the pages into a copy first.
@@ -18,57 +18,25 @@
 #include <vector>
 
 #include "cpu_parallel.h"
+#include "cpu_vec16.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
 
 namespace {
 
-// The first n of 16 lanes (none for n <= 0).
-__mmask16 Lanes(int64_t n) { return n >= 16 ? 0xffff : n <= 0 ? 0 : static_cast<__mmask16>((1u << n) - 1); }
-
-// Up to 16 K or V values widened to float32 (a bfloat16 is the top half of a float32).
-__m512 Load(__mmask16 mask, const float* p) { return _mm512_maskz_loadu_ps(mask, p); }
-__m512 Load(__mmask16 mask, const uint16_t* p) {
-  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(mask, p)), 16));
-}
+using jaxinfer::V16;
 
 // e^x for x <= 0 (scores minus their maximum): 2^n * p(r), r = x - n ln 2 in [-ln2/2, ln2/2],
 // p the degree-6 Taylor polynomial; relative error below 2e-7.
-__m512 Exp(__m512 x) {
-  x = _mm512_max_ps(x, _mm512_set1_ps(-87.0f));
-  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
-                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693145751953125f), x);
-  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(1.428606765330187e-06f), r);
-  __m512 p = _mm512_set1_ps(1.0f / 720);
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 120));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 24));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 6));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
-  return _mm512_scalef_ps(p, n);
-}
-
-// Lane j of the result is the sum of the 16 lanes of a[j]: three rounds of pairwise shuffles and
-// adds instead of sixteen full reductions.
-__m512 ReduceEach(const __m512 a[16]) {
-  __m512 pairs[8], quads[4];
-  for (int j = 0; j < 8; ++j)  // per 128-bit lane: (a[2j] lanes 0+2, a[2j+1] 0+2, a[2j] 1+3, a[2j+1] 1+3)
-    pairs[j] = _mm512_add_ps(_mm512_unpacklo_ps(a[2 * j], a[2 * j + 1]),
-                             _mm512_unpackhi_ps(a[2 * j], a[2 * j + 1]));
-  for (int j = 0; j < 4; ++j) {  // per 128-bit lane: the sums of a[4j .. 4j + 3] over that lane
-    const __m512d x = _mm512_castps_pd(pairs[2 * j]), y = _mm512_castps_pd(pairs[2 * j + 1]);
-    quads[j] = _mm512_add_ps(_mm512_castpd_ps(_mm512_unpacklo_pd(x, y)),
-                             _mm512_castpd_ps(_mm512_unpackhi_pd(x, y)));
-  }
-  // Across the four 128-bit lanes: quads[j]'s lanes summed land in 128-bit lane j.
-  auto halves = [](__m512 x, __m512 y) {  // 128-bit lanes (x0 + x1, x2 + x3, y0 + y1, y2 + y3)
-    return _mm512_add_ps(_mm512_shuffle_f32x4(x, y, 0x88), _mm512_shuffle_f32x4(x, y, 0xdd));
-  };
-  const __m512 h01 = halves(quads[0], quads[1]), h23 = halves(quads[2], quads[3]);
-  return halves(h01, h23);
+V16 Exp(V16 x) {
+  x = V16::Max(x, V16::Set1(-87.0f));
+  const V16 n = V16::RoundInt(x * V16::Set1(1.44269504088896341f));
+  V16 r = V16::Fma(n, V16::Set1(-0.693145751953125f), x);
+  r = V16::Fma(n, V16::Set1(-1.428606765330187e-06f), r);
+  V16 p = V16::Set1(1.0f / 720);
+  for (const float c : {1.0f / 120, 1.0f / 24, 1.0f / 6, 0.5f, 1.0f, 1.0f}) p = V16::Fma(p, r, V16::Set1(c));
+  return V16::Scale2(p, n);
 }
 
 struct Shapes {
@@ -94,58 +62,56 @@ void AttendGroup(const Shapes& s, const float* q, const T* k, const T* v, const 
   thread_local std::vector<float> scores;
   scores.resize(g_count * n);
   const int64_t* rows = offsets + lo;
-  // 16 keys at a time, with independent sums, reduced together.
+  // 16 keys at a time: each key's lane-wise sum over head_dim, the 16 reduced together.
   for (int64_t t0 = 0; t0 < n; t0 += 16) {
     const int64_t keys = std::min<int64_t>(16, n - t0);
     for (int64_t g = 0; g < g_count; ++g) {
       const float* qh = qg + g * d;
-      __m512 acc[16];
-      for (int64_t j = 0; j < 16; ++j) acc[j] = _mm512_setzero_ps();
-      for (int64_t i = 0; i < d; i += 16) {
-        const __mmask16 mask = Lanes(d - i);
-        const __m512 qv = _mm512_maskz_loadu_ps(mask, qh + i);
-        for (int64_t j = 0; j < keys; ++j) acc[j] = _mm512_fmadd_ps(qv, Load(mask, k + rows[t0 + j] + i), acc[j]);
+      V16 acc[16];
+      for (int64_t j = 0; j < 16; ++j) {
+        acc[j] = V16::Zero();
+        if (j >= keys) continue;
+        for (int64_t i = 0; i < d; i += 16)
+          acc[j] = V16::Fma(V16::Load(d - i, qh + i), V16::Load(d - i, k + rows[t0 + j] + i), acc[j]);
       }
-      const __m512 sums = _mm512_mul_ps(ReduceEach(acc), _mm512_set1_ps(scale));
-      _mm512_mask_storeu_ps(scores.data() + g * n + t0, Lanes(keys), sums);
+      (V16::ReduceEach(acc) * V16::Set1(scale)).Store(keys, scores.data() + g * n + t0);
     }
   }
   thread_local std::vector<float> total;
   total.resize(g_count);
   for (int64_t g = 0; g < g_count; ++g) {
     float* sg = scores.data() + g * n;
-    __m512 top = _mm512_set1_ps(-INFINITY);
-    for (int64_t i = 0; i < n; i += 16) top = _mm512_mask_max_ps(top, Lanes(n - i), top, _mm512_loadu_ps(sg + i));
-    const float m = _mm512_reduce_max_ps(top);
-    __m512 sum = _mm512_setzero_ps();
+    V16 top = V16::Set1(-INFINITY);
+    for (int64_t i = 0; i < n; i += 16) top = V16::Max(top, V16::Load(n - i, sg + i, -INFINITY));
+    const V16 m = V16::Set1(top.ReduceMax());
+    V16 sum = V16::Zero();
     for (int64_t i = 0; i < n; i += 16) {
-      const __mmask16 mask = Lanes(n - i);
-      const __m512 e = Exp(_mm512_sub_ps(_mm512_maskz_loadu_ps(mask, sg + i), _mm512_set1_ps(m)));
-      _mm512_mask_storeu_ps(sg + i, mask, e);
-      sum = _mm512_add_ps(sum, _mm512_maskz_mov_ps(mask, e));
+      const V16 e = Exp(V16::Load(n - i, sg + i) - m);
+      e.Store(n - i, sg + i);
+      sum = sum + e.Keep(n - i);
     }
-    total[g] = _mm512_reduce_add_ps(sum);
+    total[g] = sum.ReduceAdd();
   }
   // The weighted values, 64 of head_dim at a time, summed in registers over the keys in order.
   for (int64_t g = 0; g < g_count; ++g) {
     const float* pg = scores.data() + g * n;
-    const __m512 inv = _mm512_set1_ps(1.0f / total[g]);
+    const V16 inv = V16::Set1(1.0f / total[g]);
     for (int64_t i0 = 0; i0 < d; i0 += 64) {
-      const __mmask16 m0 = Lanes(d - i0), m1 = Lanes(d - i0 - 16), m2 = Lanes(d - i0 - 32), m3 = Lanes(d - i0 - 48);
-      __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+      const int64_t live = d - i0;
+      V16 a0 = V16::Zero(), a1 = a0, a2 = a0, a3 = a0;
       for (int64_t t = 0; t < n; ++t) {
         const T* vr = v + rows[t] + i0;
-        const __m512 p = _mm512_set1_ps(pg[t]);
-        a0 = _mm512_fmadd_ps(p, Load(m0, vr), a0);
-        if (m1) a1 = _mm512_fmadd_ps(p, Load(m1, vr + 16), a1);
-        if (m2) a2 = _mm512_fmadd_ps(p, Load(m2, vr + 32), a2);
-        if (m3) a3 = _mm512_fmadd_ps(p, Load(m3, vr + 48), a3);
+        const V16 p = V16::Set1(pg[t]);
+        a0 = V16::Fma(p, V16::Load(live, vr), a0);
+        if (live > 16) a1 = V16::Fma(p, V16::Load(live - 16, vr + 16), a1);
+        if (live > 32) a2 = V16::Fma(p, V16::Load(live - 32, vr + 32), a2);
+        if (live > 48) a3 = V16::Fma(p, V16::Load(live - 48, vr + 48), a3);
       }
       float* o = og + g * d + i0;
-      _mm512_mask_storeu_ps(o, m0, _mm512_mul_ps(a0, inv));
-      _mm512_mask_storeu_ps(o + 16, m1, _mm512_mul_ps(a1, inv));
-      _mm512_mask_storeu_ps(o + 32, m2, _mm512_mul_ps(a2, inv));
-      _mm512_mask_storeu_ps(o + 48, m3, _mm512_mul_ps(a3, inv));
+      (a0 * inv).Store(live, o);
+      (a1 * inv).Store(live - 16, o + 16);
+      (a2 * inv).Store(live - 32, o + 32);
+      (a3 * inv).Store(live - 48, o + 48);
     }
   }
 }

@@ -1,4 +1,4 @@
-"""Paged attention on CPU: the AVX-512 kernel of ``paged_attention_cpu.cc``.
+"""Paged attention on CPU: the AVX-512 or AVX2 kernel of ``paged_attention_cpu.cc``.
 
 XLA runs ``paged_attention_reference`` as a loop over pages that gathers each page of every
 sequence into a copy before its two products; the kernel reads each visible key and value in
