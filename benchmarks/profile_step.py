@@ -59,9 +59,12 @@ def main() -> None:
     from jaxinfer.sampling_params import SamplingParams
 
     m = load_model(embedded_model_path(progress=False), jnp.dtype(args.dtype), progress=False)
+    # One prompt is admitted per step: the first requests decode while the others wait, so each
+    # must have tokens left for all of those steps and the traced ones.
+    max_tokens = args.batch + args.steps + 8
     engine = build_engine(m, progress=False, max_batch_size=args.batch, max_prefill_tokens=args.prompt_len,
-                          session_len=args.prompt_len + args.steps + 8)
-    params = SamplingParams(temperature=0, max_tokens=args.steps + 6, ignore_eos=True)
+                          session_len=args.prompt_len + max_tokens)
+    params = SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True)
     for i in range(args.batch):
         engine.add_request(f"p{i}", list(range(100 + i, 100 + i + args.prompt_len)), params)
     scheduler = engine.scheduler
@@ -69,6 +72,7 @@ def main() -> None:
         engine.step()
     for _ in range(3):  # warm: the decode bucket's first calls
         engine.step()
+    assert len(scheduler.running) == args.batch, "every request must be decoding in the traced steps"
     stamp = time.strftime("%Y%m%d-%H%M%S")
     trace_dir = os.path.join(jaxinfer_home(), "bench", "profiles", f"decode-b{args.batch}-{stamp}")
     step_s = []
