@@ -49,28 +49,33 @@ COMMON_FLAGS = ("-O3", "-std=c++17", "-shared", "-fPIC", "-Wall", "-Wextra", "-W
                 "-Wno-uninitialized")
 
 
+SOURCES = (HERE / "f32_matmul.cc", HERE / "paged_attention_cpu.cc", HERE / "kv_write_cpu.cc")
+AMX_SOURCE = HERE / "amx_matmul.cc"
+# Every build's FFI targets, by CpuKernels field.
+BUILT_TARGETS = (("f32_matmul", F32_MATMUL), ("paged_attention", PAGED_ATTENTION), ("kv_write", KV_WRITE))
+
+
 @dataclasses.dataclass(frozen=True)
 class IsaLevel:
     """One build of the kernels: for CPUs with ``cpu_flags``, compiled with ``compile_flags``;
-    ``targets``: the FFI targets it holds, by ``CpuKernels`` field."""
+    ``amx``: whether it holds the AMX matmul too."""
 
     name: str
     cpu_flags: frozenset[str]
     compile_flags: tuple[str, ...]
-    sources: tuple[Path, ...]
-    targets: tuple[tuple[str, str], ...]
+    amx: bool
+
+    @property
+    def sources(self) -> tuple[Path, ...]:
+        return (*SOURCES, AMX_SOURCE) if self.amx else SOURCES
 
 
-# Best first. The kernels are written once against cpu_vec16.h's 16-lane vectors; AMX is the
-# AVX-512 build's alone. The AVX2 build serves AMD EPYC and older Intel CPUs.
+# Best first. The kernels are written once against cpu_vec16.h's 16-lane vectors; the AVX2 build
+# serves AMD EPYC and older Intel CPUs.
 LEVELS = (
     IsaLevel("avx512", frozenset({"avx512f", "avx512bw", "avx512vl"}),
-             ("-mavx512f", "-mavx512bw", "-mavx512vl", "-mamx-tile", "-mamx-bf16"),
-             (HERE / "amx_matmul.cc", HERE / "f32_matmul.cc", HERE / "paged_attention_cpu.cc", HERE / "kv_write_cpu.cc"),
-             (("f32_matmul", F32_MATMUL), ("paged_attention", PAGED_ATTENTION), ("kv_write", KV_WRITE))),
-    IsaLevel("avx2", frozenset({"avx2", "fma"}), ("-mavx2", "-mfma"),
-             (HERE / "f32_matmul.cc", HERE / "paged_attention_cpu.cc", HERE / "kv_write_cpu.cc"),
-             (("f32_matmul", F32_MATMUL), ("paged_attention", PAGED_ATTENTION), ("kv_write", KV_WRITE))),
+             ("-mavx512f", "-mavx512bw", "-mavx512vl", "-mamx-tile", "-mamx-bf16"), amx=True),
+    IsaLevel("avx2", frozenset({"avx2", "fma"}), ("-mavx2", "-mfma"), amx=False),
 )
 
 
@@ -78,10 +83,10 @@ LEVELS = (
 class CpuKernels:
     """Which kernels XLA can call in this process."""
 
-    paged_attention: bool = False  # AVX-512 or AVX2
+    paged_attention: bool = False  # every build
     amx_matmul: bool = False  # AMX, granted by the OS
-    kv_write: bool = False  # AVX-512 or AVX2 builds
-    f32_matmul: bool = False  # AVX-512 or AVX2
+    kv_write: bool = False  # every build
+    f32_matmul: bool = False  # every build
 
 
 _kernels = CpuKernels()
@@ -130,8 +135,8 @@ def runs_here(kernel: str) -> bool:
     if level is None:
         return False
     if kernel == "amx_matmul":
-        return HERE / "amx_matmul.cc" in level.sources and {"amx_tile", "amx_bf16"} <= cpu_flags()
-    return kernel in dict(level.targets)
+        return level.amx and {"amx_tile", "amx_bf16"} <= cpu_flags()
+    return kernel in dict(BUILT_TARGETS)
 
 
 def enable(build_dir: str) -> CpuKernels:
@@ -152,10 +157,10 @@ def _load(build_dir: str) -> CpuKernels:
     except (OSError, RuntimeError) as e:
         logger.warning("jaxinfer's CPU kernels are unavailable, XLA's code runs instead: %s", e)
         return CpuKernels()
-    for _, target in level.targets:
+    for _, target in BUILT_TARGETS:
         jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(getattr(library, target)), platform="cpu")
-    on = {name: True for name, _ in level.targets}
-    if HERE / "amx_matmul.cc" in level.sources and {"amx_tile", "amx_bf16"} <= cpu_flags():
+    on = {name: True for name, _ in BUILT_TARGETS}
+    if runs_here("amx_matmul"):
         library.jaxinfer_amx_request.restype = ctypes.c_bool
         if library.jaxinfer_amx_request():
             jax.ffi.register_ffi_target(AMX_MATMUL, jax.ffi.pycapsule(getattr(library, AMX_MATMUL)), platform="cpu")
