@@ -55,6 +55,8 @@ void Tile(const float* x, int64_t k, const float* panel, int64_t block_stride, f
 
 using TileFn = void (*)(const float*, int64_t, const float*, int64_t, float*, int64_t, int);
 
+// The tile of R rows and `blocks` column blocks (at most TileBlocks(R)). The min()s keep tiles
+// wider than R rows' registers allow from being instantiated; those cases are never reached.
 template <int R>
 TileFn TileFor(int blocks) {
   switch (std::min(blocks, TileBlocks(R))) {
