@@ -86,11 +86,22 @@ class SampleOutput:
 
 
 def greedy(logits: jax.Array) -> jax.Array:
-    """First index of the row maximum, ``[batch, vocab] -> [batch]`` (3x faster than argmax on CPU)."""
-    vocab = logits.shape[-1]
-    top = logits.max(axis=-1, keepdims=True)
-    idx = jnp.arange(vocab, dtype=jnp.int32)
-    return jnp.min(jnp.where(logits == top, idx, vocab), axis=-1)
+    """First index of the row maximum, ``[batch, vocab] -> [batch]``.
+
+    In two levels, as ``_inverse_cdf``: the maxima of ``CDF_CHUNK``-token chunks, then the first
+    chunk holding the row's maximum and the first such token in it. One pass over the logits
+    instead of the three a max, compare and index-min take (0.5 vs 2.2 ms for 32 x 49152 logits
+    on the 2-core EPYC; ``jnp.argmax`` 2.5 ms). A row holding NaN gets an index in range."""
+    batch, vocab = logits.shape
+    chunks = logits
+    if vocab % CDF_CHUNK:
+        chunks = jnp.pad(logits, ((0, 0), (0, -vocab % CDF_CHUNK)), constant_values=-jnp.inf)
+    chunks = chunks.reshape(batch, -1, CDF_CHUNK)
+    chunk_max = chunks.max(axis=-1)  # [batch, chunks]
+    top = chunk_max.max(axis=-1, keepdims=True)
+    c = jnp.argmax(chunk_max == top, axis=-1)
+    within = jnp.take_along_axis(chunks, c[:, None, None], axis=1)[:, 0]  # [batch, CDF_CHUNK]
+    return (c * CDF_CHUNK + jnp.argmax(within == top, axis=-1)).astype(jnp.int32)
 
 
 def _apply_penalties(x: jax.Array, t: SamplingTensors) -> jax.Array:
@@ -200,9 +211,16 @@ def sample(logits: jax.Array, t: SamplingTensors) -> SampleOutput:
     """Pick one token per row. ``logits`` ``[batch, vocab]`` float32."""
     batch = logits.shape[0]
     penalized = (t.repetition_penalty != 1) | (t.presence_penalty != 0) | (t.frequency_penalty != 0)
-    x = jax.lax.cond(jnp.any(penalized), lambda: _apply_penalties(logits, t), lambda: logits)
-    x = jax.lax.cond(jnp.any(t.step < t.min_tokens), lambda: _ban_stop_ids(x, t), lambda: x)
-    tokens = _choose(x, t)
+
+    def staged():
+        x = jax.lax.cond(jnp.any(penalized), lambda: _apply_penalties(logits, t), lambda: logits)
+        x = jax.lax.cond(jnp.any(t.step < t.min_tokens), lambda: _ban_stop_ids(x, t), lambda: x)
+        return _choose(x, t)
+
+    # An all-greedy batch with nothing to apply (benchmarks, most chat turns at temperature 0)
+    # skips the stages, whose untaken branches still copy the logits (~1 ms at 32 x 49152).
+    plain = ~jnp.any(penalized | (t.step < t.min_tokens) | (t.temperature > 0))
+    tokens = jax.lax.cond(plain, lambda: greedy(logits), staged)
     none = (
         jnp.zeros(batch, jnp.float32),
         jnp.zeros((batch, MAX_LOGPROBS), jnp.int32),

@@ -48,6 +48,15 @@ def test_greedy_is_first_argmax():
     logits = jnp.array([[0.0, 3.0, 3.0, 1.0], [5.0, -1.0, 2.0, 5.0]])
     np.testing.assert_array_equal(greedy(logits), [1, 0])
     np.testing.assert_array_equal(sample_jit(logits, tensors(2, temperature=0.0, vocab=4)).tokens, [1, 0])
+    # Ties in different chunks, a tie inside one chunk, an all -inf row; vocab not a chunk multiple.
+    big = np.random.default_rng(3).standard_normal((4, 1000)).astype(np.float32)
+    big[0, [700, 300]] = 9.0
+    big[1, [130, 131]] = 9.0
+    big[2] = -np.inf
+    big[3, 999] = 9.0
+    np.testing.assert_array_equal(greedy(jnp.asarray(big)), [300, 130, 0, 999])
+    big[1, 5] = np.nan
+    assert 0 <= int(greedy(jnp.asarray(big))[1]) < 1000
 
 
 def test_top_k_one_is_greedy_and_top_k_restricts():
