@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 from converters.rtn import dequantize_kernel, quantize_kernel
 from jaxinfer.config import ModelConfig, WeightQuant
 from jaxinfer.kv_cache import KVCache
-from jaxinfer.model import DecoderLayer, Linear
+from jaxinfer.model import DecoderLayer, Linear, rope_rotation
 from jaxinfer.scoring import contiguous_metadata
 
 LINEARS = ("attn/q_proj", "attn/k_proj", "attn/v_proj", "attn/o_proj", "mlp/gate_proj", "mlp/up_proj", "mlp/down_proj")
@@ -96,7 +96,8 @@ class _LayerRunner:
         cfg = dataclasses.replace(self.config, num_layers=1)
         cache = KVCache.allocate(cfg, self.batch + 1, self.seqlen, jnp.float32)
         with nn.intercept_methods(capture):
-            y, _ = DecoderLayer(self.config).apply({"params": layer_params}, x, cache.layers[0], self.meta)
+            rotation = rope_rotation(self.meta.positions, self.config.rope_inv_freq())
+            y, _ = DecoderLayer(self.config).apply({"params": layer_params}, x, cache.layers[0], self.meta, rotation)
         return y, captured
 
     def __call__(self, layer_params, x: np.ndarray):

@@ -22,14 +22,15 @@ from jaxinfer.config import ModelConfig, activation_dtype, kv_cache_dtype
 from jaxinfer.exported_steps import can_export, load_or_export
 from jaxinfer.kv_cache import AttentionMetadata, KVCache
 from jaxinfer.home import jaxinfer_home
-from jaxinfer.model import CPU_MATMULS, LlamaModel, fuse_qkv_params, pack_cpu_weights
+from jaxinfer.model import CPU_MATMULS, LlamaModel, fuse_qkv_params, pack_cpu_weights, rope_table
 from jaxinfer.sampler import SampleOutput, SamplingTensors, sample
 from pallas_kernels import cpu_native, dispatch
 
 
-def _model_step(model: LlamaModel, params, cache: KVCache, tokens, meta: AttentionMetadata, logits_indices, sampling):
+def _model_step(model: LlamaModel, params, cache: KVCache, rope_table, tokens, meta: AttentionMetadata, logits_indices,
+                sampling):
     """tokens ``[batch, q_len]`` -> sampled next tokens (and logprobs) of each row, updated cache."""
-    hidden, cache = model.apply({"params": params}, tokens, meta, cache)
+    hidden, cache = model.apply({"params": params}, tokens, meta, cache, rope_table)
     last = jnp.take_along_axis(hidden, logits_indices[:, None, None], axis=1)[:, 0]  # [batch, embed]
     logits = model.apply({"params": params}, last, method=LlamaModel.logits)
     return sample(logits, sampling), cache
@@ -64,6 +65,7 @@ class ModelRunner:
         # program warm-up prepared for it instead of tracing one for an uncommitted cache.
         self.cache = jax.device_put(KVCache.allocate(config, num_pages, buckets.page_size, kv_dtype, quant_policy),
                                     jax.devices()[0])
+        self.rope_table = jax.device_put(rope_table(config, buckets.history_len), jax.devices()[0])
         self._step = jax.jit(functools.partial(_model_step, self.model), donate_argnums=(1,))
         self._program = (f"model step: {config!r}, {jnp.dtype(dtype)} weights, {jnp.dtype(act)} activations, "
                          f"{kv_dtype} KV cache, fused_qkv={fused_qkv}, quant_policy={quant_policy}, "
@@ -78,7 +80,8 @@ class ModelRunner:
         return jax.tree.map(lambda x: x[: len(rows)], jax.device_get(out))
 
     def _run(self, shape: tuple[int, int], a: StepArrays) -> SampleOutput:
-        out, self.cache = self._warm_steps.get(shape, self._step)(self.params, self.cache, *self._device_inputs(a))
+        out, self.cache = self._warm_steps.get(shape, self._step)(self.params, self.cache, self.rope_table,
+                                                                  *self._device_inputs(a))
         return out
 
     def _device_inputs(self, a: StepArrays):
@@ -100,7 +103,7 @@ class ModelRunner:
         for shape in tqdm(shapes, desc="compiling shape buckets", unit="shape", disable=not progress):
             a = self.buckets.pad([], shape)
             if self._exported_steps is not None and can_export():
-                args = (self.params, self.cache, *self._device_inputs(a))
+                args = (self.params, self.cache, self.rope_table, *self._device_inputs(a))
                 self._warm_steps[shape] = load_or_export(
                     functools.partial(_model_step, self.model), args, self._program, (1,), self._exported_steps
                 )
