@@ -6,7 +6,7 @@
 // Packed weights: [ceil(N / 16), K, 16]: column block b holds W[k, 16b .. 16b + 15] at row k,
 // zero padded, so a tile streams each of its column blocks from contiguous memory. At decode's
 // few rows the product is a pass over the weights; XLA:CPU's float32 dot reads them at ~14 GB/s
-// there (benchmarks/cpu_limits.py), half of what two cores can read.
+// there on the 2-core Xeon (benchmarks/cpu_limits.py), half of what two cores can read.
 #include <algorithm>
 #include <cstdint>
 

@@ -1,8 +1,9 @@
 """float32 matmuls on CPU with AVX-512 or AVX2, over weights packed once into column blocks.
 
 At decode's few rows a linear layer is one pass over its weights, and XLA:CPU's float32 dot
-reads them at ~14 GB/s there, half of what two cores read (``benchmarks/cpu_limits.py``); at
-16-32 rows it reaches under 90 GFLOP/s. This module packs each weight once and multiplies with a
+reads them at ~14 GB/s there on the 2-core Xeon, half of what two cores read
+(``benchmarks/cpu_limits.py``); at 16-32 rows it reaches under 90 GFLOP/s. On the 2-core EPYC
+the kernel was 1.15x XLA's dot at 1 row and ~1.8-2.1x at 8-32 rows (exploratory). This module packs each weight once and multiplies with a
 small C++ kernel that XLA calls through its FFI (``f32_matmul.cc``).
 
 Packed format (``pack``): ``W [K, N]`` becomes ``[ceil(N / 16), K, 16]`` float32, zero padded:
