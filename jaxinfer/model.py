@@ -146,10 +146,9 @@ def rope_rotation(positions: jax.Array, inv_freq: np.ndarray, table: jax.Array |
     """cos and sin of ``positions`` ``[batch, seq]``, each ``[batch, seq, 1, head_dim / 2]``: rows
     of ``table`` (``rope_table``) when given, else computed here.
 
-    XLA fuses cos and sin into every head's rotation of every layer, where they cost ~0.15 ms of a
-    batch-32 decode layer's ~3.6 and ~1.1 ms of a 512-token prefill layer's ~29 on the 2-core
-    EPYC (exploratory profiles): the engine, which runs the model step after step, passes its
-    table instead."""
+    XLA fuses cos and sin into every head's rotation of every layer, where they took ~5% of a
+    batch-32 decode step and of a 512-token prefill step on the 2-core EPYC (ARCHITECTURE.md):
+    the engine, which runs the model step after step, passes its table instead."""
     if table is None:
         angles = positions[..., None].astype(jnp.float32) * jnp.asarray(inv_freq, jnp.float32)
         return jnp.cos(angles)[:, :, None, :], jnp.sin(angles)[:, :, None, :]
