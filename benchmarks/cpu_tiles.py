@@ -22,12 +22,13 @@ from __future__ import annotations
 
 import argparse
 import os
-import shutil
 import statistics
 import subprocess
 import tempfile
 
 from report import load_average, publish
+
+from pallas_kernels import cpu_native
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ARITHMETICS = {
@@ -43,9 +44,9 @@ def main() -> None:
     ap.add_argument("--passes", type=int, default=7, help="passes over the four tiles (default 7)")
     ap.add_argument("--write-results", action="store_true", help="append a dated section to benchmarks/RESULTS.md")
     args = ap.parse_args()
-    compiler = shutil.which("c++") or shutil.which("g++")
-    if compiler is None:
-        raise SystemExit("cpu_tiles: no C++ compiler on PATH")
+    if not {"avx2", "fma"} <= cpu_native.cpu_flags():
+        raise SystemExit("cpu_tiles: the tiles need AVX2 and FMA, which this CPU lacks")
+    compiler = cpu_native.cxx_compiler()
     load_before = load_average()
     with tempfile.TemporaryDirectory() as tmp:
         binary = os.path.join(tmp, "cpu_tiles")

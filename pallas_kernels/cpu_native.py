@@ -170,6 +170,14 @@ def _load(build_dir: str) -> CpuKernels:
     return CpuKernels(**on)
 
 
+def cxx_compiler() -> str:
+    """The C++ compiler builds run: ``$CXX``, else ``g++`` or ``c++`` on the PATH."""
+    compiler = os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++")
+    if compiler is None:
+        raise RuntimeError("no C++ compiler found (set CXX, or install g++)")
+    return compiler
+
+
 def build(build_dir: str, level: IsaLevel) -> str:
     """Path of the shared library of ``level`` for these sources and this JAX, compiled if missing
     (atomically: a concurrent or interrupted build never leaves a partial file under the final
@@ -182,9 +190,7 @@ def build(build_dir: str, level: IsaLevel) -> str:
     path = os.path.join(build_dir, f"jaxinfer_cpu_{level.name}-{h.hexdigest()[:16]}.so")
     if os.path.exists(path):
         return path
-    compiler = os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++")
-    if compiler is None:
-        raise RuntimeError("no C++ compiler found (set CXX, or install g++)")
+    compiler = cxx_compiler()
     os.makedirs(build_dir, exist_ok=True)
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=build_dir)
     os.close(fd)
