@@ -34,6 +34,14 @@ __attribute__((noinline)) void F32(const float* x, const float* w, float* y) {
   }
 }
 
+// An integer tile's int32 sums into y [kRows][16].
+void Store(const __m256i (&a)[kRows][2], int32_t* y) {
+  for (int r = 0; r < kRows; ++r) {
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(y + r * 16), a[r][0]);
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(y + r * 16 + 8), a[r][1]);
+  }
+}
+
 // int16: pairs of k per 32-bit lane, vpmaddwd then vpaddd; w [K/2][16][2].
 __attribute__((noinline)) void I16(const int16_t* x, const int16_t* w, int32_t* y) {
   __m256i a[kRows][2];
@@ -49,14 +57,11 @@ __attribute__((noinline)) void I16(const int16_t* x, const int16_t* w, int32_t* 
       a[r][1] = _mm256_add_epi32(a[r][1], _mm256_madd_epi16(xr, w1));
     }
   }
-  for (int r = 0; r < kRows; ++r) {
-    _mm256_storeu_si256(reinterpret_cast<__m256i*>(y + r * 16), a[r][0]);
-    _mm256_storeu_si256(reinterpret_cast<__m256i*>(y + r * 16 + 8), a[r][1]);
-  }
+  Store(a, y);
 }
 
 // int8: quads of k per 32-bit lane, vpmaddubsw (unsigned x signed bytes, adjacent products summed
-// into int16, saturating) then vpmaddwd by ones and vpaddd; w [K/4][16][4]. With `sign`, llama.cpp's
+// into int16, saturating) then vpmaddwd by ones and vpaddd; w [K/4][16][4]. With kSign, llama.cpp's
 // AVX2 way to avoid the saturation: |w| times x carrying w's sign (vpsignb), so each int16 pair
 // sum stays within 2 x 127 x 127.
 template <bool kSign>
@@ -82,10 +87,7 @@ __attribute__((noinline)) void I8(const int8_t* x, const int8_t* w, const int8_t
       a[r][1] = _mm256_add_epi32(a[r][1], _mm256_madd_epi16(p1, ones));
     }
   }
-  for (int r = 0; r < kRows; ++r) {
-    _mm256_storeu_si256(reinterpret_cast<__m256i*>(y + r * 16), a[r][0]);
-    _mm256_storeu_si256(reinterpret_cast<__m256i*>(y + r * 16 + 8), a[r][1]);
-  }
+  Store(a, y);
 }
 
 template <typename Fn>
