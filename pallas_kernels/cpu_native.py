@@ -178,6 +178,11 @@ def cxx_compiler() -> str:
     return compiler
 
 
+def _check(cmd: list[str], returncode: int, stderr: str) -> None:
+    if returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd)} failed:\n{stderr[-2000:]}")
+
+
 def build(build_dir: str, level: IsaLevel) -> str:
     """Path of the shared library of ``level`` for these sources and this JAX, compiled if missing
     (atomically: a concurrent or interrupted build never leaves a partial file under the final
@@ -194,11 +199,20 @@ def build(build_dir: str, level: IsaLevel) -> str:
     os.makedirs(build_dir, exist_ok=True)
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=build_dir)
     os.close(fd)
-    cmd = [compiler, *flags, "-isystem", include, f"-I{HERE}", *map(str, level.sources), "-o", tmp]
     try:
-        done = subprocess.run(cmd, capture_output=True, text=True)
-        if done.returncode != 0:
-            raise RuntimeError(f"{' '.join(cmd)} failed:\n{done.stderr[-2000:]}")
+        with tempfile.TemporaryDirectory(dir=build_dir) as objects:
+            # One compiler per source, all at once: the build is an engine's first start's longest
+            # wait, and each source takes seconds (mostly XLA's FFI header).
+            compiles = [[compiler, *flags, "-c", "-isystem", include, f"-I{HERE}", str(source),
+                         "-o", os.path.join(objects, f"{source.stem}.o")] for source in level.sources]
+            running = [subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+                       for cmd in compiles]
+            errors = [proc.communicate()[1] for proc in running]  # every compiler has exited
+            for cmd, proc, stderr in zip(compiles, running, errors):
+                _check(cmd, proc.returncode, stderr)
+            link = [compiler, *flags, *(cmd[-1] for cmd in compiles), "-o", tmp]
+            done = subprocess.run(link, capture_output=True, text=True)
+            _check(link, done.returncode, done.stderr)
         os.replace(tmp, path)
         for old in Path(build_dir).glob(f"jaxinfer_cpu_{level.name}-*.so"):  # earlier sources' builds
             if str(old) != path:
