@@ -33,7 +33,7 @@ def test_rms_norm_rows_do_not_depend_on_the_batch(hidden):
 def test_bfloat16_pages_keep_greedy_tokens_batch_invariant(tmp_path):
     path = str(tmp_path / "tiny")
     build_tiny("llama", path, seed=6)
-    llm = LLM(load_model(path, jnp.bfloat16, progress=False), progress=False, max_batch_size=8,
+    llm = LLM(load_model(path, jnp.bfloat16, progress=False), warmup=False, progress=False, max_batch_size=8,
               max_prefill_tokens=64, cache_block_seq_len=16, cache_max_entry_count=128, kv_cache_dtype="bfloat16")
     assert {a.dtype for a in jax.tree.leaves(llm.engine.runner.cache)} == {jnp.dtype(jnp.bfloat16)}
     greedy = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)

@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 
 import jax
 import jax.numpy as jnp
@@ -23,13 +21,13 @@ from converters.rtn import dequantize_kernel, quantize_kernel
 from jaxinfer import LLM, SamplingParams
 from jaxinfer.config import kv_cache_dtype
 from jaxinfer.engine_config import EngineConfig
+from jaxinfer.cli.main import main
 from jaxinfer.kv_cache import KVCache
 from jaxinfer.perplexity import perplexity
 from jaxinfer.scoring import sequence_logits
 from pallas_kernels.int4_matmul import dequantize, int4_matmul, pack_int4, unpack_int4
 from pallas_kernels.paged_kv import dequantize_kv, quantize_kv
 
-JAXINFER = [sys.executable, "-m", "jaxinfer.cli.main"]
 
 
 def test_int4_pack_unpack_round_trip():
@@ -245,30 +243,34 @@ def test_perplexity_is_llama_cpp_windows_scored_on_their_second_half(tmp_path):
     assert got.value == pytest.approx(float(np.exp(np.mean(nll))), rel=1e-5)
 
 
-def test_lite_and_eval_commands(tmp_path, tiny_chat_model):
+def test_lite_and_eval_commands(tmp_path, tiny_chat_model, capsys):
+    """The commands run in this process (``main(argv)``, what the console script calls): a
+    subprocess per command cost ~10 s of imports and compilation each."""
+
+    def jaxinfer(*argv: str) -> tuple[int, str, str]:
+        rc = main(list(argv))
+        out, err = capsys.readouterr()
+        return rc, out, err
+
     rtn = tmp_path / "rtn"
-    r = subprocess.run(JAXINFER + ["lite", "rtn", tiny_chat_model, "--work-dir", str(rtn), "--w-group-size", "32"],
-                       capture_output=True, text=True)
-    assert r.returncode == 0, r.stderr
+    rc, _, err = jaxinfer("lite", "rtn", tiny_chat_model, "--work-dir", str(rtn), "--w-group-size", "32")
+    assert rc == 0, err
     awq = tmp_path / "awq"
-    r = subprocess.run(JAXINFER + ["lite", "auto_awq", tiny_chat_model, "--work-dir", str(awq), "--w-group-size", "64",
-                                   "--calib-samples", "4", "--calib-seqlen", "64", "--batch-size", "2", "--search-scale"],
-                       capture_output=True, text=True)
-    assert r.returncode == 0, r.stderr
+    rc, _, err = jaxinfer("lite", "auto_awq", tiny_chat_model, "--work-dir", str(awq), "--w-group-size", "64",
+                          "--calib-samples", "4", "--calib-seqlen", "64", "--batch-size", "2", "--search-scale")
+    assert rc == 0, err
     assert load_model(str(awq)).config.weight_quant.method == "awq"
     text = tmp_path / "text.txt"
     text.write_text("The quick brown fox jumps over the lazy dog. " * 40)
     values = {}
-    for name, path, extra in (("float", tiny_chat_model, []), ("rtn", str(rtn), []), ("kv8", tiny_chat_model,
-                                                                                      ["--quant-policy", "8"])):
-        r = subprocess.run(JAXINFER + ["eval", "ppl", path, "--text", str(text), "--ctx", "64"] + extra,
-                           capture_output=True, text=True)
-        assert r.returncode == 0, r.stderr
-        last = r.stdout.strip().splitlines()[-1]
+    for name, path, extra in (("float", tiny_chat_model, []), ("rtn", str(rtn), []),
+                              ("kv8", tiny_chat_model, ["--quant-policy", "8"])):
+        rc, out, err = jaxinfer("eval", "ppl", path, "--text", str(text), "--ctx", "64", *extra)
+        assert rc == 0, err
+        last = out.strip().splitlines()[-1]
         assert last.startswith("perplexity: ")
         values[name] = float(last.split()[1])
     assert values["rtn"] != values["float"] and abs(values["kv8"] / values["float"] - 1) < 0.05
-    r = subprocess.run(JAXINFER + ["lite", "rtn", str(rtn), "--work-dir", str(tmp_path / "again")],
-                       capture_output=True, text=True)
-    assert r.returncode == 1 and "already quantized" in r.stderr
+    rc, _, err = jaxinfer("lite", "rtn", str(rtn), "--work-dir", str(tmp_path / "again"))
+    assert rc == 1 and "already quantized" in err
     assert not os.path.exists(tmp_path / "again")
