@@ -244,6 +244,18 @@ def measure_startup(args) -> dict:
     return result
 
 
+def workload_gflop(config, batch: int, n_in: int, n_out: int) -> float:
+    """The model arithmetic of one static batch, counted as multiply-adds x 2 of the work any
+    engine must do: every linear layer for the n_in + n_out - 1 tokens each request feeds, the LM
+    head for its n_out outputs, and causal attention (QK^T and PV over the positions before each)."""
+    c = config
+    q_out, kv_out = c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim
+    per_token = c.num_layers * c.hidden_size * (q_out + 2 * kv_out + q_out + 3 * c.intermediate_size)
+    fed = n_in + n_out - 1
+    attention = c.num_layers * 2 * q_out * sum(range(1, fed + 1))  # a token at position p sees p + 1 keys
+    return batch * 2 * (per_token * fed + c.vocab_size * c.hidden_size * n_out + attention) / 1e9
+
+
 # -- main ---------------------------------------------------------------------------------------------
 
 def median_figures(runs: list[dict]) -> dict[str, float]:
@@ -563,6 +575,16 @@ def main() -> None:
         "aggregate: tokens generated after all requests had their first token / time from then to the last token. "
         "total: batch x output tokens / (last token - submission)."
     )
+    arithmetic = []
+    for b in args.batch_list:
+        gflop = workload_gflop(jx.loaded.config, b, n_in, n_out)
+        rates = [f"{name} {gflop / by[(name, b)]['wall_s']:.0f}" for name in order if (name, b) in by]
+        arithmetic.append(f"batch {b}: {gflop:.0f} GFLOP, GFLOP/s " + ", ".join(rates))
+    need = (f" Goal 1 needs 3x transformers' rate at batch 32: "
+            f"{3 * workload_gflop(jx.loaded.config, 32, n_in, n_out) / t32['wall_s']:.0f} GFLOP/s over the whole run "
+            "(compare with the CPU's FMA rate: `cpu_tiles.py`'s float32 tile rate per core x 2 cores)." if t32 else "")
+    notes.append("- Model arithmetic (multiply-adds x 2 of the linear layers, LM head and causal attention; "
+                 "`workload_gflop`) over each median run's wall time: " + "; ".join(arithmetic) + "." + need)
     per_repeat = []
     for (name, b), fs in runs.items():
         per_repeat.append(f"{name} b{b} " + "/".join(f"{f['total']:.1f}" for f in fs))
