@@ -37,7 +37,7 @@ from jaxinfer.home import jaxinfer_home
 from pallas_kernels import cpu_native, dispatch
 
 logger = logging.getLogger("jaxinfer")
-# Bound on the directory (SmolLM2's 12 buckets take ~3 MB): old entries go first.
+# Bound on the directory (SmolLM2's 21 buckets at the default options take ~5 MB): old entries go first.
 MAX_BYTES = 512 * 1024**2
 
 
@@ -74,10 +74,11 @@ def step_key(args: Any, program: str) -> str:
     return hashlib.sha256("\n".join(parts).encode()).hexdigest()
 
 
-def load_or_export(fn: Callable, args: tuple, program: str, donate_argnums: tuple[int, ...],
-                   directory: str) -> Callable:
-    """``fn`` as a jitted function of ``args``' shapes, donating ``donate_argnums``: from the
-    file an earlier process saved in ``directory``, else traced now and saved there."""
+def lower_saved(fn: Callable, args: tuple, program: str, donate_argnums: tuple[int, ...],
+                directory: str) -> jax.stages.Lowered:
+    """``fn`` lowered for ``args``' shapes, donating ``donate_argnums``, from the file an earlier
+    process saved in ``directory``, else traced now and saved there. Its compiled form takes and
+    returns the same trees as ``fn``."""
     leaves, in_tree = jax.tree.flatten(args)
     path = os.path.join(directory, step_key(args, program) + ".bin")
     exported = out_tree = None
@@ -105,16 +106,11 @@ def load_or_export(fn: Callable, args: tuple, program: str, donate_argnums: tupl
             _save(pickle.dumps((exported.serialize(), out_tree)), directory, path)
         except Exception as e:  # the process runs without it; the next start traces again
             logger.warning("could not save the step to %s (%s)", path, e)
-    starts = [0]
-    for a in args:
-        starts.append(starts[-1] + len(jax.tree.leaves(a)))
-    donated = tuple(i for arg in donate_argnums for i in range(starts[arg], starts[arg + 1]))
-    call = jax.jit(exported.call, donate_argnums=donated)
 
-    def step(*step_args):
-        return jax.tree.unflatten(out_tree, call(*jax.tree.leaves(step_args)))
+    def call(*call_args):
+        return jax.tree.unflatten(out_tree, exported.call(*jax.tree.leaves(call_args)))
 
-    return step
+    return jax.jit(call, donate_argnums=donate_argnums).lower(*args)
 
 
 def _save(data: bytes, directory: str, path: str) -> None:

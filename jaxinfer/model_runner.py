@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import functools
 import os
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Sequence
 
 import jax
@@ -19,7 +20,7 @@ from tqdm.auto import tqdm
 
 from jaxinfer.buckets import Buckets, StepArrays, StepRow
 from jaxinfer.config import ModelConfig, activation_dtype, kv_cache_dtype
-from jaxinfer.exported_steps import can_export, load_or_export
+from jaxinfer.exported_steps import can_export, lower_saved
 from jaxinfer.kv_cache import AttentionMetadata, KVCache
 from jaxinfer.home import jaxinfer_home
 from jaxinfer.model import CPU_MATMULS, LlamaModel, fuse_qkv_params, pack_cpu_weights, rope_table
@@ -71,7 +72,7 @@ class ModelRunner:
                          f"{kv_dtype} KV cache, fused_qkv={fused_qkv}, quant_policy={quant_policy}, "
                          f"matmul_kernel={self.matmul_kernel}, {self.kernels}")
         self._exported_steps = exported_steps
-        self._warm_steps: dict[tuple[int, int], Any] = {}  # bucket shape -> step loaded by warm-up
+        self._warm_steps: dict[tuple[int, int], jax.stages.Compiled] = {}  # bucket shape -> compiled by warm-up
         self._no_history: dict[int, jax.Array] = {}  # per batch size: the all-padding history
 
     def execute(self, rows: Sequence[StepRow], shape: tuple[int, int]) -> SampleOutput:
@@ -97,14 +98,24 @@ class ModelRunner:
         return a.tokens, meta, a.logits_indices, SamplingTensors(history=history, **a.sampling)
 
     def warmup(self, progress: bool = True) -> None:
-        """Compile every bucket shape and run it once (all-padding rows, which only touch the
-        trash page)."""
+        """Compile every bucket shape ahead of time, running none. This thread lowers each step
+        (traces it, or loads the program an earlier start saved) while a pool compiles those
+        lowered before: XLA compiles without the GIL, so compiles overlap each other and the
+        tracing. A compiled step refuses arguments of other shapes or types instead of compiling
+        again."""
         shapes = self.buckets.all_shapes()
-        for shape in tqdm(shapes, desc="compiling shape buckets", unit="shape", disable=not progress):
-            a = self.buckets.pad([], shape)
-            if self._exported_steps is not None and can_export():
-                args = (self.params, self.cache, self.rope_table, *self._device_inputs(a))
-                self._warm_steps[shape] = load_or_export(
-                    functools.partial(_model_step, self.model), args, self._program, (1,), self._exported_steps
-                )
-            jax.block_until_ready(self._run(shape, a))
+        with (ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool,
+              tqdm(total=len(shapes), desc="compiling shape buckets", unit="shape", disable=not progress) as bar):
+            compiling = {}
+            for shape in shapes:
+                compiling[shape] = pool.submit(self._lower(shape).compile)
+                compiling[shape].add_done_callback(lambda _: bar.update())
+            for shape, compiled in compiling.items():
+                self._warm_steps[shape] = compiled.result()
+
+    def _lower(self, shape: tuple[int, int]) -> jax.stages.Lowered:
+        args = (self.params, self.cache, self.rope_table, *self._device_inputs(self.buckets.pad([], shape)))
+        if self._exported_steps is not None and can_export():
+            return lower_saved(functools.partial(_model_step, self.model), args, self._program, (1,),
+                               self._exported_steps)
+        return self._step.lower(*args)

@@ -51,6 +51,21 @@ def test_serving_after_warmup_compiles_nothing(llm):
     assert compilation_count() == before
 
 
+def test_warmup_compiles_every_bucket_without_running_it(tiny):
+    engine = LLM(tiny, progress=False, warmup=False, **SMALL).engine
+    runner = engine.runner
+    pools = jax.tree.leaves(runner.cache)
+    before = compilation_count()
+    runner.warmup(progress=False)
+    assert sorted(runner._warm_steps) == sorted(engine.buckets.all_shapes())
+    assert compilation_count() > before
+    assert jax.tree.leaves(runner.cache)[0] is pools[0] and not any(a.is_deleted() for a in pools)  # nothing ran
+    decode = engine.buckets.decode_shape(1)
+    wrong = jax.tree.map(np.asarray, runner._device_inputs(engine.buckets.pad([], engine.buckets.decode_shape(2))))
+    with pytest.raises(TypeError):  # a compiled step refuses other shapes rather than compiling them
+        runner._warm_steps[decode](runner.params, runner.cache, runner.rope_table, *wrong)
+
+
 def test_cache_buffers_are_donated(llm):
     old = llm.engine.runner.cache
     llm.generate([[5, 6, 7]], SamplingParams(temperature=0, max_tokens=2))
