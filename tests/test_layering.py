@@ -70,3 +70,26 @@ def test_console_script_has_the_commands(command):
     script = pathlib.Path(sys.executable).parent / "jaxinfer"  # the console script of this environment
     result = subprocess.run([str(script), command, "--help"], capture_output=True, text=True)
     assert result.returncode == 0 and "usage: jaxinfer " + command in result.stdout
+
+
+def test_runtime_imports_are_declared_dependencies():
+    """A package the code imports (at the top or inside a function) is one `pip install .` brings:
+    `make chat` runs in an environment without the dev extra (no torch, which pulls in jinja2)."""
+    import importlib.metadata
+    import re
+
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    declared = {re.split(r"[\[<>=~! ;]", d)[0].lower().replace("_", "-")
+                for d in project["dependencies"] + project["optional-dependencies"]["cuda"]}
+    distributions = importlib.metadata.packages_distributions()
+    missing = []
+    for package in PROJECT:
+        for path in (REPO / package).rglob("*.py"):
+            for module in imported_modules(path):
+                top = module.split(".")[0]
+                if top in sys.stdlib_module_names or top in PROJECT or top == "__future__":
+                    continue
+                dists = {d.lower().replace("_", "-") for d in distributions.get(top, [top])}
+                if not dists & declared:
+                    missing.append(f"{path.relative_to(REPO)} imports {module} ({', '.join(sorted(dists))})")
+    assert not missing, "\n".join(missing)
