@@ -49,7 +49,7 @@ def quantized_checkpoint(name: str, base, method: str, group: int, calib: tuple[
     params, config = quantize_params(params, base.config, 4, group, method)
     with atomic_output_dir(out, overwrite=True) as tmp:
         write_checkpoint(tmp, config, params, np.float32, base.path)
-        base.tokenizer.hf.save_pretrained(tmp)
+        base.tokenizer.save(tmp)
     return out
 
 

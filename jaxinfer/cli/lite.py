@@ -57,7 +57,7 @@ def run(args) -> int:
         with atomic_output_dir(args.work_dir, args.force) as tmp:
             write_checkpoint(tmp, config, params, np.float32, loaded.path)
             if loaded.tokenizer is not None:
-                loaded.tokenizer.hf.save_pretrained(tmp)
+                loaded.tokenizer.save(tmp)
     except (CheckpointError, FileExistsError, ValueError) as e:
         print(f"jaxinfer lite: error: {e}", file=sys.stderr)
         return 1
