@@ -171,12 +171,14 @@ class GGUFCheckpoint:
         return {"qweight": qweight, "scales": np.ascontiguousarray(d.T), "biases": np.ascontiguousarray(biases.T)}
 
     def hf_tokenizer(self):
-        """The HF tokenizer (with its chat template) rebuilt from the GGUF metadata, or None if
-        the file carries no tokenizer."""
-        from transformers import AutoTokenizer
-
+        """The tokenizer (with its chat template) rebuilt from the GGUF metadata, or None if the
+        file carries no tokenizer: byte-level BPE ones built here with ``tokenizers``, others by
+        transformers (whose GGUF reader needs torch)."""
         if self._field("tokenizer.ggml.model") is None:
             return None
+        if self._builds_byte_level_bpe():
+            return self._byte_level_bpe_tokenizer()
+        from transformers import AutoTokenizer
 
         directory, filename = os.path.split(os.path.abspath(self.path))
         try:
@@ -187,3 +189,36 @@ class GGUFCheckpoint:
         if template and not getattr(tok, "chat_template", None):
             tok.chat_template = template
         return tok
+
+    def _builds_byte_level_bpe(self) -> bool:
+        # The case built here and checked against transformers' conversion (tests/test_gguf.py):
+        # GPT-2-style BPE, no BOS added, only normal (1) and control (3) tokens.
+        types = set(self._field("tokenizer.ggml.token_type", []))
+        return (self._field("tokenizer.ggml.model") == "gpt2" and not self._field("tokenizer.ggml.add_bos_token")
+                and types <= {1, 3})
+
+    def _byte_level_bpe_tokenizer(self):
+        """The tokenizer transformers' GGUF conversion makes of a GPT-2-style BPE vocabulary,
+        built without transformers."""
+        import tokenizers
+        from tokenizers import decoders, models, pre_tokenizers, processors
+
+        from jaxinfer.fast_tokenizer import FastTokenizer
+
+        tokens, types = self._field("tokenizer.ggml.tokens"), self._field("tokenizer.ggml.token_type")
+        merges = [tuple(m.split(" ", 1)) for m in self._field("tokenizer.ggml.merges", [])]
+        bpe = models.BPE({t: i for i, t in enumerate(tokens)}, merges, dropout=None, unk_token=None,
+                         continuing_subword_prefix="", end_of_word_suffix="", fuse_unk=False, byte_fallback=False)
+        tok = tokenizers.Tokenizer(bpe)
+        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, trim_offsets=True, use_regex=True)
+        tok.decoder = decoders.ByteLevel(add_prefix_space=True, trim_offsets=True, use_regex=True)
+        tok.post_processor = processors.TemplateProcessing(single="$A", pair="$A $B:1", special_tokens=[])
+        tok.add_special_tokens([tokenizers.AddedToken(t, special=True, normalized=False)
+                                for t, kind in zip(tokens, types) if kind == 3])
+        config = {"backend": "tokenizers", "tokenizer_class": "TokenizersBackend"}
+        for name, key in (("bos_token", "bos_token_id"), ("eos_token", "eos_token_id"),
+                          ("unk_token", "unknown_token_id"), ("pad_token", "padding_token_id")):
+            token_id = self._field(f"tokenizer.ggml.{key}")
+            if token_id is not None:
+                config[name] = tokens[int(token_id)]
+        return FastTokenizer(tok, config, self._field("tokenizer.chat_template"))

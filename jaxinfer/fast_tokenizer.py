@@ -15,7 +15,6 @@ from __future__ import annotations
 import datetime
 import json
 import os
-import shutil
 from collections.abc import Sequence
 
 import jinja2
@@ -50,15 +49,16 @@ def load_fast_tokenizer(path: str) -> FastTokenizer | None:
     if os.path.isfile(template_path):
         with open(template_path, encoding="utf-8") as f:
             template = f.read()
-    return FastTokenizer(path, backend, config, template)
+    return FastTokenizer(backend, config, template)
 
 
 class FastTokenizer:
     """The part of a transformers tokenizer that ``jaxinfer.tokenizer.Tokenizer`` uses."""
 
-    def __init__(self, path: str, backend: tokenizers.Tokenizer, config: dict, chat_template: str | None):
-        self._path = path
+    def __init__(self, backend: tokenizers.Tokenizer, config: dict, chat_template: str | None):
+        """``config``: the ``tokenizer_config.json`` dict (special tokens, ``tokenizer_class``)."""
         self._backend = backend
+        self._config = config
         self.special_tokens = {name: _content(config[name]) for name in SPECIAL_TOKEN_NAMES if config.get(name)}
         eos = self.special_tokens.get("eos_token")
         self.eos_token_id = backend.token_to_id(eos) if eos is not None else None
@@ -85,10 +85,14 @@ class FastTokenizer:
                                      add_generation_prompt=add_generation_prompt, **self.special_tokens)
 
     def save_pretrained(self, directory: str) -> None:
-        """Copies the tokenizer's files into ``directory``."""
-        for name in (CONFIG_FILE, TOKENIZER_FILE, TEMPLATE_FILE, "special_tokens_map.json"):
-            if os.path.isfile(os.path.join(self._path, name)):
-                shutil.copy(os.path.join(self._path, name), directory)
+        """Writes the files ``load_fast_tokenizer`` reads into ``directory``."""
+        os.makedirs(directory, exist_ok=True)
+        self._backend.save(os.path.join(directory, TOKENIZER_FILE))
+        with open(os.path.join(directory, CONFIG_FILE), "w", encoding="utf-8") as f:
+            json.dump({k: v for k, v in self._config.items() if k != "chat_template"}, f, indent=2)
+        if self.chat_template:
+            with open(os.path.join(directory, TEMPLATE_FILE), "w", encoding="utf-8") as f:
+                f.write(self.chat_template)
 
 
 # Names a message's reasoning goes by; transformers fills each from the others before rendering.
