@@ -61,6 +61,8 @@ def test_chat_prompts_match_transformers(pair, chat, add_generation_prompt):
     fast, hf = pair
     ids = fast.apply_chat_template(chat, add_generation_prompt=add_generation_prompt)
     assert ids == hf.apply_chat_template(chat, add_generation_prompt=add_generation_prompt)
+    assert ids == list(hf.backend.apply_chat_template(chat, add_generation_prompt=add_generation_prompt,
+                                                      tokenize=True, return_dict=False))
     assert fast.decode(ids, skip_special_tokens=False).endswith(
         "<|im_start|>assistant\n" if add_generation_prompt else "<|im_end|>\n")
 
