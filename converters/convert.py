@@ -38,7 +38,7 @@ def convert(src: str, out: str, dtype: str = "auto", overwrite: bool = False, pr
     source = open_source(src)
     config = source_config(source, model_format, keep_quantized)
     target = source_dtype(source) if dtype == "auto" else _numpy_dtype(dtype)
-    tokenizer = source.hf_tokenizer()
+    tokenizer = source.tokenizer_backend()
     params = build_params(source, config, target, progress)
     with atomic_output_dir(out, overwrite) as tmp:
         write_checkpoint(tmp, config, params, target, os.path.abspath(src))

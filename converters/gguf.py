@@ -170,7 +170,7 @@ class GGUFCheckpoint:
             qweight = np.ascontiguousarray(codes.T).astype(np.int8)
         return {"qweight": qweight, "scales": np.ascontiguousarray(d.T), "biases": np.ascontiguousarray(biases.T)}
 
-    def hf_tokenizer(self):
+    def tokenizer_backend(self):
         """The tokenizer (with its chat template) rebuilt from the GGUF metadata, or None if the
         file carries no tokenizer: byte-level BPE ones built here with ``tokenizers``, others by
         transformers (whose GGUF reader needs torch)."""

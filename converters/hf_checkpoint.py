@@ -70,8 +70,8 @@ class HFCheckpoint:
                 counts[a.dtype] = counts.get(a.dtype, 0) + a.size
         return max(counts, key=counts.get) if counts else np.dtype(np.float32)
 
-    def hf_tokenizer(self):
-        """The directory's HF tokenizer, or None if it ships none."""
+    def tokenizer_backend(self):
+        """The directory's HF tokenizer (what ``jaxinfer.tokenizer.Tokenizer`` wraps), or None if it ships none."""
         if not any(os.path.isfile(os.path.join(self.path, f)) for f in TOKENIZER_FILES):
             return None
         from transformers import AutoTokenizer

@@ -164,8 +164,8 @@ def load_model(path: str, dtype=None, progress: bool = True, model_format: str |
         source = open_source(path)
         config = source_config(source, model_format, keep_quantized)
         host_params = build_params(source, config, dtype, progress)
-        hf_tokenizer = source.hf_tokenizer()
-        tokenizer = Tokenizer(hf_tokenizer, config.eos_token_ids) if hf_tokenizer is not None else None
+        tokenizer_backend = source.tokenizer_backend()
+        tokenizer = Tokenizer(tokenizer_backend, config.eos_token_ids) if tokenizer_backend is not None else None
     params = jax.tree.map(lambda a: jnp.asarray(a, dtype=dtype if _is_float(a) else None), host_params)
     return LoadedModel(config=config, params=params, tokenizer=tokenizer, dtype=dtype, path=path)
 

@@ -380,7 +380,7 @@ def test_smollm2_tokenizer_is_built_as_transformers_converts_it(smollm2_gguf, tm
     from transformers import AutoTokenizer
 
     directory, filename = os.path.split(smollm2_gguf)
-    GGUFCheckpoint(smollm2_gguf).hf_tokenizer().save_pretrained(str(tmp_path / "ours"))
+    GGUFCheckpoint(smollm2_gguf).tokenizer_backend().save_pretrained(str(tmp_path / "ours"))
     AutoTokenizer.from_pretrained(directory, gguf_file=filename).save_pretrained(str(tmp_path / "hf"))
     read = lambda side, name: (tmp_path / side / name).read_text()  # noqa: E731
     assert json.loads(read("ours", "tokenizer.json")) == json.loads(read("hf", "tokenizer.json"))
@@ -389,7 +389,7 @@ def test_smollm2_tokenizer_is_built_as_transformers_converts_it(smollm2_gguf, tm
     for key, value in json.loads(read("ours", "tokenizer_config.json")).items():
         assert hf_config[key] == value, key
     code = ("import sys; from converters.gguf import GGUFCheckpoint; "
-            f"assert GGUFCheckpoint({smollm2_gguf!r}).hf_tokenizer().encode('hi there') == [6004, 665]; "
+            f"assert GGUFCheckpoint({smollm2_gguf!r}).tokenizer_backend().encode('hi there') == [6004, 665]; "
             "print(sorted(m for m in ('transformers', 'torch') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
