@@ -8,9 +8,10 @@ of the engine as shipped, side by side with four what-if variants of it.
 - ``XLA attention``: jaxinfer's CPU attention kernel (``pallas_kernels/paged_attention_cpu.cc``)
   off, so decode attention runs the jnp reference through XLA. Its tokens must equal the engine's.
 - ``XLA matmuls``: jaxinfer's CPU matmul kernels (``pallas_kernels/f32_matmul.cc``,
-  ``amx_matmul.cc``) off, so the weights stay unpacked and XLA's dots run. With bfloat16 weights
-  its tokens must equal the engine's (the AMX kernel repeats XLA's sums); float32 sums differ in
-  order, so there they may part after many tokens.
+  ``amx_matmul.cc``, ``avx512bf16_matmul.cc``) off, so the weights stay unpacked and XLA's dots
+  run. With bfloat16 weights on AMX its tokens must equal the engine's (the AMX kernel repeats
+  XLA's sums); the float32 and AVX512_BF16 kernels sum in another order, so there they may part
+  after many tokens.
 - ``gate/up fused``: each MLP's gate and up projections concatenated into one [576, 3072] matmul,
   as the engine already does for q/k/v. Its tokens must equal the engine's.
 
@@ -120,7 +121,7 @@ def main() -> None:
         "engine": (loaded.params, contextlib.nullcontext),
         "no attention": (loaded.params, no_attention),
         "XLA attention": (loaded.params, lambda: cpu_native.turned_off("paged_attention")),
-        "XLA matmuls": (loaded.params, lambda: cpu_native.turned_off("f32_matmul", "amx_matmul")),
+        "XLA matmuls": (loaded.params, lambda: cpu_native.turned_off("f32_matmul", "amx_matmul", "avx512bf16_matmul")),
         "gate/up fused": (fuse_gate_up_params(loaded.params, loaded.config.num_layers), gate_up_module),
     }
     engines = {}

@@ -29,8 +29,8 @@ import numpy as np
 
 from jaxinfer.config import ModelConfig, WeightQuant
 from jaxinfer.kv_cache import AttentionMetadata, KVCache, write_kv
-from pallas_kernels.amx_matmul import amx_matmul, narrow_weight_dot
-from pallas_kernels.amx_matmul import pack as amx_pack
+from pallas_kernels.bf16_matmul import bf16_matmul, narrow_weight_dot
+from pallas_kernels.bf16_matmul import pack as bf16_pack
 from pallas_kernels.f32_matmul import f32_matmul
 from pallas_kernels.f32_matmul import pack as f32_pack
 from pallas_kernels.int4_matmul import CODES_PER_WORD, int4_matmul, padded_rows
@@ -42,7 +42,7 @@ Dtype = Any
 # CPU matmul kernels over packed weights (pack_cpu_weights): kernel name -> (weights' dtype,
 # packing, matmul, prefix of the packed leaves' names).
 CPU_MATMULS = {
-    "amx_matmul": (jnp.bfloat16, amx_pack, amx_matmul, "amx"),
+    "bf16_matmul": (jnp.bfloat16, bf16_pack, bf16_matmul, "bf16"),
     "f32_matmul": (jnp.float32, f32_pack, f32_matmul, "f32"),
 }
 
@@ -285,10 +285,10 @@ class LlamaModel(nn.Module):
 def pack_cpu_weights(params: Any, config: ModelConfig, kernel: str) -> Any:
     """``params`` with every linear ``kernel`` of the dtype that CPU matmul ``kernel`` (a key of
     ``CPU_MATMULS``) takes replaced by the same weight in that kernel's packed format
-    (``amx_kernel``: bfloat16 for ``pallas_kernels.amx_matmul``; ``f32_kernel``: float32 for
+    (``bf16_kernel``: bfloat16 for ``pallas_kernels.bf16_matmul``; ``f32_kernel``: float32 for
     ``pallas_kernels.f32_matmul``), which ``Linear`` then multiplies with that kernel (float32
     activations only). A tied embedding of that dtype also gets its transpose packed
-    (``amx_lm_head`` / ``f32_lm_head``) for ``logits``; the table stays for lookups."""
+    (``bf16_lm_head`` / ``f32_lm_head``) for ``logits``; the table stays for lookups."""
     dtype, pack, _, prefix = CPU_MATMULS[kernel]
     out = _pack_linear_kernels(params, dtype, pack, prefix)
     embed = params["embed_tokens"]

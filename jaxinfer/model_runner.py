@@ -47,7 +47,7 @@ class ModelRunner:
         unquantized cache's, by default ``kv_cache_dtype(dtype)``.
         On CPU it turns on jaxinfer's CPU kernels (``pallas_kernels.cpu_native``), and weights
         under float32 activations are packed for the matmul kernel of their dtype when it can run
-        (``self.matmul_kernel`` names it: ``amx_matmul`` for bfloat16, ``f32_matmul`` for float32)."""
+        (``self.matmul_kernel`` names it: ``bf16_matmul`` for bfloat16, ``f32_matmul`` for float32)."""
         self.config = config
         self.params = fuse_qkv_params(params, config) if fused_qkv else params
         self.buckets = buckets

@@ -14,6 +14,7 @@
 #include <cstdint>
 #include <vector>
 
+#include "cpu_bf16.h"
 #include "cpu_parallel.h"
 #include "xla/ffi/api/ffi.h"
 
@@ -25,22 +26,6 @@ constexpr int64_t kTileRows = 16;  // rows of x per A tile
 constexpr int64_t kTileK = 32;     // values of K per tile product
 constexpr int64_t kBlockCols = 16;  // output columns per B tile
 constexpr int64_t kPanelBlocks = 4;  // column blocks per work item at decode's few rows
-
-// Rounds n floats to bfloat16 to nearest even, bit for bit as XLA's convert (NaNs stay NaN).
-// Per value in a scalar loop, this rounding took half of a 32-row product's time.
-void RoundToBf16(const float* src, int64_t n, uint16_t* dst) {
-  const __m512i exp_mask = _mm512_set1_epi32(0x7fffffff), inf = _mm512_set1_epi32(0x7f800000);
-  const __m512i bias = _mm512_set1_epi32(0x7fff), one = _mm512_set1_epi32(1), quiet = _mm512_set1_epi32(0x40);
-  for (int64_t i = 0; i < n; i += 16) {
-    const __mmask16 live = static_cast<__mmask16>(n - i >= 16 ? 0xffff : (1u << (n - i)) - 1);
-    const __m512i u = _mm512_castps_si512(_mm512_maskz_loadu_ps(live, src + i));
-    const __m512i odd = _mm512_and_si512(_mm512_srli_epi32(u, 16), one);
-    const __m512i rounded = _mm512_srli_epi32(_mm512_add_epi32(u, _mm512_add_epi32(bias, odd)), 16);
-    const __mmask16 nan = _mm512_cmpgt_epu32_mask(_mm512_and_si512(u, exp_mask), inf);
-    const __m512i r = _mm512_mask_or_epi32(rounded, nan, _mm512_srli_epi32(u, 16), quiet);
-    _mm512_mask_cvtepi32_storeu_epi16(dst + i, live, r);
-  }
-}
 
 struct TileConfig {
   uint8_t palette = 1;
@@ -167,7 +152,7 @@ ffi::Error Matmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi
   const int64_t m_pad = (m + row_group - 1) / row_group * row_group;
   std::vector<uint16_t> xb(m_pad * kpad, 0);
   const float* xs = x.typed_data();
-  for (int64_t r = 0; r < m; ++r) RoundToBf16(xs + r * k, k, xb.data() + r * kpad);
+  for (int64_t r = 0; r < m; ++r) jaxinfer::RoundToBf16(xs + r * k, k, xb.data() + r * kpad);
   const uint16_t* xp = xb.data();
   const uint32_t* wp = reinterpret_cast<const uint32_t*>(packed.typed_data());
   float* yp = y->typed_data();

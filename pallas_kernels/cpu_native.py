@@ -2,7 +2,9 @@
 
 On CPU the engine runs XLA's code except where a small kernel of ours is measurably faster:
 
-* ``amx_matmul.cc``: bfloat16-weight matmuls on Intel AMX (``pallas_kernels.amx_matmul``);
+* ``amx_matmul.cc``: bfloat16-weight matmuls on Intel AMX (``pallas_kernels.bf16_matmul``);
+* ``avx512bf16_matmul.cc``: the same matmuls with AVX512_BF16's pair dot products, for CPUs with
+  those but no AMX (AMD Zen 4, Intel Cooper Lake) or whose OS refuses AMX state;
 * ``f32_matmul.cc``: float32 matmuls over packed weights (``pallas_kernels.f32_matmul``);
 * ``paged_attention_cpu.cc``: decode and prefill attention reading float32 or bfloat16 KV pages
   in place (``pallas_kernels.paged_attention``'s dispatch point);
@@ -13,8 +15,8 @@ XLA calls them through its FFI (``jax.ffi``), on its own intra-op thread pool. T
 together into one shared library on first use, for the best instruction-set level this CPU runs
 (``LEVELS``: AVX-512 with AMX, or AVX2 with FMA), with the system's C++ compiler against JAX's
 FFI headers, and kept in a directory the caller names (the engine uses ``$JAXINFER_HOME/native``).
-Without one of those levels, a compiler or (for the bfloat16 matmul) AMX and the OS's permission
-to use it, ``enable`` logs why and the engine keeps XLA's code.
+Without one of those levels, a compiler or (for the bfloat16 matmuls) AMX and the OS's permission
+to use it or AVX512_BF16, ``enable`` logs why and the engine keeps XLA's code.
 """
 
 from __future__ import annotations
@@ -37,12 +39,13 @@ import jax
 logger = logging.getLogger("jaxinfer")
 
 HERE = Path(__file__).parent
-HEADERS = (HERE / "cpu_parallel.h", HERE / "cpu_vec16.h")
+HEADERS = (HERE / "cpu_bf16.h", HERE / "cpu_parallel.h", HERE / "cpu_vec16.h")
 AMX_MATMUL = "jaxinfer_amx_matmul"
+AVX512BF16_MATMUL = "jaxinfer_avx512bf16_matmul"
 F32_MATMUL = "jaxinfer_f32_matmul"
 PAGED_ATTENTION = "jaxinfer_paged_attention"
 KV_WRITE = "jaxinfer_kv_write"
-TARGETS = (AMX_MATMUL, F32_MATMUL, PAGED_ATTENTION, KV_WRITE)
+TARGETS = (AMX_MATMUL, AVX512BF16_MATMUL, F32_MATMUL, PAGED_ATTENTION, KV_WRITE)
 # GCC 12's own AVX-512 intrinsic headers trip -W(maybe-)uninitialized: their shuffles start from
 # a deliberately undefined vector (a known false positive).
 COMMON_FLAGS = ("-O3", "-std=c++17", "-shared", "-fPIC", "-Wall", "-Wextra", "-Wno-maybe-uninitialized",
@@ -50,7 +53,8 @@ COMMON_FLAGS = ("-O3", "-std=c++17", "-shared", "-fPIC", "-Wall", "-Wextra", "-W
 
 
 SOURCES = (HERE / "f32_matmul.cc", HERE / "paged_attention_cpu.cc", HERE / "kv_write_cpu.cc")
-AMX_SOURCE = HERE / "amx_matmul.cc"
+# The bfloat16 matmuls, AVX-512 builds only; each runs only where the CPU (and for AMX, the OS) allows.
+BF16_SOURCES = (HERE / "amx_matmul.cc", HERE / "avx512bf16_matmul.cc")
 # Every build's FFI targets, by CpuKernels field.
 BUILT_TARGETS = (("f32_matmul", F32_MATMUL), ("paged_attention", PAGED_ATTENTION), ("kv_write", KV_WRITE))
 
@@ -58,24 +62,24 @@ BUILT_TARGETS = (("f32_matmul", F32_MATMUL), ("paged_attention", PAGED_ATTENTION
 @dataclasses.dataclass(frozen=True)
 class IsaLevel:
     """One build of the kernels: for CPUs with ``cpu_flags``, compiled with ``compile_flags``;
-    ``amx``: whether it holds the AMX matmul too."""
+    ``bf16_matmuls``: whether it holds the bfloat16 matmuls (AMX, AVX512_BF16) too."""
 
     name: str
     cpu_flags: frozenset[str]
     compile_flags: tuple[str, ...]
-    amx: bool
+    bf16_matmuls: bool
 
     @property
     def sources(self) -> tuple[Path, ...]:
-        return (*SOURCES, AMX_SOURCE) if self.amx else SOURCES
+        return (*SOURCES, *BF16_SOURCES) if self.bf16_matmuls else SOURCES
 
 
 # Best first. The kernels are written once against cpu_vec16.h's 16-lane vectors; the AVX2 build
 # serves AMD EPYC and older Intel CPUs.
 LEVELS = (
     IsaLevel("avx512", frozenset({"avx512f", "avx512bw", "avx512vl"}),
-             ("-mavx512f", "-mavx512bw", "-mavx512vl", "-mamx-tile", "-mamx-bf16"), amx=True),
-    IsaLevel("avx2", frozenset({"avx2", "fma"}), ("-mavx2", "-mfma"), amx=False),
+             ("-mavx512f", "-mavx512bw", "-mavx512vl", "-mamx-tile", "-mamx-bf16"), bf16_matmuls=True),
+    IsaLevel("avx2", frozenset({"avx2", "fma"}), ("-mavx2", "-mfma"), bf16_matmuls=False),
 )
 
 
@@ -85,8 +89,14 @@ class CpuKernels:
 
     paged_attention: bool = False  # every build
     amx_matmul: bool = False  # AMX, granted by the OS
+    avx512bf16_matmul: bool = False  # AVX512_BF16
     kv_write: bool = False  # every build
     f32_matmul: bool = False  # every build
+
+    @property
+    def bf16_matmul(self) -> bool:
+        """Whether a bfloat16-weight matmul kernel runs (``pallas_kernels.bf16_matmul``)."""
+        return self.amx_matmul or self.avx512bf16_matmul
 
 
 _kernels = CpuKernels()
@@ -135,7 +145,9 @@ def runs_here(kernel: str) -> bool:
     if level is None:
         return False
     if kernel == "amx_matmul":
-        return level.amx and {"amx_tile", "amx_bf16"} <= cpu_flags()
+        return level.bf16_matmuls and {"amx_tile", "amx_bf16"} <= cpu_flags()
+    if kernel == "avx512bf16_matmul":
+        return level.bf16_matmuls and "avx512_bf16" in cpu_flags()
     return kernel in dict(BUILT_TARGETS)
 
 
@@ -160,6 +172,10 @@ def _load(build_dir: str) -> CpuKernels:
     for _, target in BUILT_TARGETS:
         jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(getattr(library, target)), platform="cpu")
     on = {name: True for name, _ in BUILT_TARGETS}
+    if runs_here("avx512bf16_matmul"):
+        jax.ffi.register_ffi_target(AVX512BF16_MATMUL, jax.ffi.pycapsule(library.jaxinfer_avx512bf16_matmul),
+                                    platform="cpu")
+        on["avx512bf16_matmul"] = True
     if runs_here("amx_matmul"):
         library.jaxinfer_amx_request.restype = ctypes.c_bool
         if library.jaxinfer_amx_request():

@@ -41,6 +41,6 @@ def use_implementation(name: str) -> Iterator[None]:
 
 
 def cpu_kernels() -> bool:
-    """Whether CPU kernels (``pallas_kernels.amx_matmul``) may run: the choice is automatic and
+    """Whether CPU kernels (``pallas_kernels.bf16_matmul``, ``f32_matmul``, ...) may run: the choice is automatic and
     the backend is a CPU. Forcing any implementation turns them off."""
     return _implementation == "auto" and jax.default_backend() == "cpu"

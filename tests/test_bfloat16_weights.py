@@ -22,7 +22,7 @@ from jaxinfer import LLM, SamplingParams
 from jaxinfer import model as model_module
 from jaxinfer.compilation import compilation_count
 from jaxinfer.scoring import sequence_logits
-from pallas_kernels import amx_matmul
+from pallas_kernels import bf16_matmul
 
 ROWS = 16
 
@@ -49,7 +49,7 @@ def test_few_rows_give_the_rows_of_a_larger_product(operands, rows):
 def test_unpadded_one_row_products_differ(operands, monkeypatch):
     """Why the padding exists: without it, a single row takes XLA:CPU's other path."""
     x, w = operands
-    monkeypatch.setattr(amx_matmul, "MIN_NARROW_DOT_ROWS", 1)
+    monkeypatch.setattr(bf16_matmul, "MIN_NARROW_DOT_ROWS", 1)
     full = narrow_dot(x, w)
     assert any(not np.array_equal(narrow_dot(x[i:i + 1], w), full[i:i + 1]) for i in range(ROWS))
 

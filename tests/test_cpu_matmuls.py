@@ -1,8 +1,8 @@
-"""What both CPU matmul kernels over packed weights promise (``pallas_kernels.amx_matmul``,
-``pallas_kernels.f32_matmul``): a row's result does not depend on the batch, a NaN stays in its
-row, the dispatch point runs the kernel unless an implementation is forced, and weights packed
-for another shape are refused. Each kernel's own numerics are tested beside it
-(``test_amx_matmul.py``, ``test_f32_matmul.py``)."""
+"""What every CPU matmul kernel over packed weights promises (``pallas_kernels.bf16_matmul``'s AMX
+and AVX512_BF16 kernels, ``pallas_kernels.f32_matmul``): a row's result does not depend on the
+batch, a NaN stays in its row, the dispatch point runs the kernel unless an implementation is
+forced (or a preferred kernel is on), and weights packed for another shape are refused. Each
+kernel's own numerics are tested beside it (``test_bf16_matmul.py``, ``test_f32_matmul.py``)."""
 
 from dataclasses import dataclass
 from typing import Callable
@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from jaxinfer.home import jaxinfer_home
-from pallas_kernels import amx_matmul, cpu_native, dispatch, f32_matmul
+from pallas_kernels import bf16_matmul, cpu_native, dispatch, f32_matmul
 
 
 @dataclass(frozen=True)
@@ -25,11 +25,15 @@ class Kernel:
     matmul: Callable  # the dispatch point
     target: str
     runs_here: bool
+    preferred: tuple[str, ...] = ()  # kernels the dispatch point picks first when they are on
 
 
 KERNELS = [
-    Kernel("amx_matmul", jnp.bfloat16, amx_matmul.pack, amx_matmul.amx_matmul_kernel, amx_matmul.amx_matmul,
+    Kernel("amx_matmul", jnp.bfloat16, bf16_matmul.pack, bf16_matmul.amx_matmul_kernel, bf16_matmul.bf16_matmul,
            cpu_native.AMX_MATMUL, cpu_native.runs_here("amx_matmul")),
+    Kernel("avx512bf16_matmul", jnp.bfloat16, bf16_matmul.pack, bf16_matmul.avx512bf16_matmul_kernel,
+           bf16_matmul.bf16_matmul, cpu_native.AVX512BF16_MATMUL, cpu_native.runs_here("avx512bf16_matmul"),
+           preferred=("amx_matmul",)),
     Kernel("f32_matmul", jnp.float32, f32_matmul.pack, f32_matmul.f32_matmul_kernel, f32_matmul.f32_matmul,
            cpu_native.F32_MATMUL, cpu_native.runs_here("f32_matmul")),
 ]
@@ -72,9 +76,10 @@ def test_dispatch_runs_the_kernel_unless_an_implementation_is_forced(kernel):
     def lowered():  # a new function each time: jit would reuse an earlier trace of the same one
         return jax.jit(lambda a, b: kernel.matmul(a, b, 48)).lower(x, packed).as_text()
 
-    assert kernel.target in lowered()
-    with dispatch.use_implementation("reference"):
-        assert kernel.target not in lowered()
+    with cpu_native.turned_off(*kernel.preferred):
+        assert kernel.target in lowered()
+        with dispatch.use_implementation("reference"):
+            assert kernel.target not in lowered()
 
 
 @pytest.mark.parametrize("k", KERNELS, ids=lambda k: k.name)

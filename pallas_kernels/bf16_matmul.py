@@ -1,20 +1,25 @@
-"""bfloat16-weight matmuls on Intel AMX (CPU), with weights packed once for the tiles.
+"""bfloat16-weight matmuls on CPU, with weights packed once for the CPU's bfloat16 dot products.
 
 The CPU's bfloat16 mode (``--dtype bfloat16``) multiplies float32 activations by bfloat16 weights:
 ``x`` rounded to bfloat16, products summed in float32. XLA:CPU runs that dot on AMX but
 rearranges the whole weight into the tiles' layout on every call, which at decode's few rows costs
-more than the product. This module packs each weight once and multiplies with a small C++ kernel
-that XLA calls through its FFI: SmolLM2's decode steps run 1.4-2x faster than with XLA's
-bfloat16 dots at batch 1-16 (``benchmarks/weight_dtype.py``).
+more than the product; without AMX it has no fast bfloat16 dot at all. This module packs each
+weight once and multiplies with a small C++ kernel that XLA calls through its FFI: on Intel AMX
+tiles (``amx_matmul.cc``; SmolLM2's decode steps 1.4-2x faster than XLA's bfloat16 dots at batch
+1-16, ``benchmarks/weight_dtype.py``), or with AVX512_BF16's pair dot products
+(``avx512bf16_matmul.cc``) on CPUs that have those but no AMX, such as AMD Zen 4.
 
 Packed format (``pack``): ``W [K, N]`` becomes ``[ceil(N / 16), kpad / 2, 32]`` bfloat16 with
 ``kpad = K`` rounded up to 32, zero padded: column block ``b``, pair row ``j`` holds
-``W[2j, c], W[2j + 1, c]`` for each of the block's 16 columns ``c``.
+``W[2j, c], W[2j + 1, c]`` for each of the block's 16 columns ``c``: what an AMX B tile loads, and
+one 512-bit register of what ``vdpbf16ps`` multiplies.
 
-``amx_matmul`` is the dispatch point: the kernel (``amx_matmul.cc``, built and registered by
-``cpu_native``) once ``cpu_native.enable`` has turned it on and the choice of implementation is
-automatic (``dispatch.cpu_kernels``); otherwise ``amx_matmul_reference``, which unpacks and calls
-XLA's dot (bit for bit the kernel's result at K >= 32).
+``bf16_matmul`` is the dispatch point: the AMX kernel, else the AVX512_BF16 one, once
+``cpu_native.enable`` has turned it on and the choice of implementation is automatic
+(``dispatch.cpu_kernels``); otherwise ``bf16_matmul_reference``, which unpacks and calls XLA's dot.
+The AMX kernel's sums are the reference's bit for bit at K >= 32; the AVX512_BF16 kernel sums each
+output over K's pairs in order, so it agrees with them to float32 rounding. Both give a row the
+same result in any batch.
 """
 
 from __future__ import annotations
@@ -61,7 +66,7 @@ def narrow_weight_dot(x: jax.Array, w: jax.Array, w_in_axis: int) -> jax.Array:
     return jax.lax.dot_general(xn, w, (((1,), (w_in_axis,)), ((), ())), preferred_element_type=x.dtype)[:m]
 
 
-def amx_matmul_reference(x: jax.Array, packed: jax.Array, n: int) -> jax.Array:
+def bf16_matmul_reference(x: jax.Array, packed: jax.Array, n: int) -> jax.Array:
     """``x [M, K]`` float32 times packed bfloat16 weights -> ``[M, N]`` float32, through XLA."""
     return narrow_weight_dot(x, unpack(packed, x.shape[1], n), 0)
 
@@ -72,12 +77,23 @@ def amx_matmul_kernel(x: jax.Array, packed: jax.Array, n: int) -> jax.Array:
     return jax.ffi.ffi_call(cpu_native.AMX_MATMUL, jax.ShapeDtypeStruct((x.shape[0], n), jnp.float32))(x, packed)
 
 
-def amx_matmul(x: jax.Array, packed: jax.Array, n: int) -> jax.Array:
-    """The engine's dispatch point for float32 activations times packed bfloat16 weights."""
-    if cpu_native.kernels().amx_matmul and dispatch.cpu_kernels():
-        return amx_matmul_kernel(x, packed, n)
+def avx512bf16_matmul_kernel(x: jax.Array, packed: jax.Array, n: int) -> jax.Array:
+    """The AVX512_BF16 kernel (``cpu_native.enable`` must have turned it on); shapes as in the
+    reference."""
     _validate(x, packed, n)
-    return amx_matmul_reference(x, packed, n)
+    return jax.ffi.ffi_call(cpu_native.AVX512BF16_MATMUL,
+                            jax.ShapeDtypeStruct((x.shape[0], n), jnp.float32))(x, packed)
+
+
+def bf16_matmul(x: jax.Array, packed: jax.Array, n: int) -> jax.Array:
+    """The engine's dispatch point for float32 activations times packed bfloat16 weights."""
+    kernels = cpu_native.kernels()
+    if kernels.amx_matmul and dispatch.cpu_kernels():
+        return amx_matmul_kernel(x, packed, n)
+    if kernels.avx512bf16_matmul and dispatch.cpu_kernels():
+        return avx512bf16_matmul_kernel(x, packed, n)
+    _validate(x, packed, n)
+    return bf16_matmul_reference(x, packed, n)
 
 
 def _validate(x: jax.Array, packed: jax.Array, n: int) -> None:
