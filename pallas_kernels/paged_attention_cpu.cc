@@ -39,9 +39,69 @@ V16 Exp(V16 x) {
   return V16::Scale2(p, n);
 }
 
+// Query heads whose weighted values one pass over the value rows sums: 4 x 4 accumulators fit
+// AVX-512's 32 registers; AVX2's 16 hold those of one head (each V16 is two registers there).
+#ifdef __AVX512F__
+constexpr int64_t kHeadsAtOnce = 4;
+#else
+constexpr int64_t kHeadsAtOnce = 1;
+#endif
+
 struct Shapes {
   int64_t heads, kv_heads, group, head_dim, page_size, pages_per_seq, num_pages;
 };
+
+// Scores of G query heads (q: [G, d]) against keys rows[0 .. n): 16 keys at a time, each key
+// read (and widened) once for the G heads, each head's lane-wise products over head_dim in order,
+// then the 16 keys' sums reduced together. scores: [G, n].
+template <int G, typename T>
+void Scores(const float* q, const T* k, const int64_t* rows, int64_t n, int64_t d, float scale, float* scores) {
+  V16 partial[G][16];
+  for (int64_t t0 = 0; t0 < n; t0 += 16) {
+    const int64_t keys = std::min<int64_t>(16, n - t0);
+    for (int64_t j = 0; j < 16; ++j) {
+      V16 acc[G];
+      for (int g = 0; g < G; ++g) acc[g] = V16::Zero();
+      if (j < keys) {
+        const T* kr = k + rows[t0 + j];
+        for (int64_t i = 0; i < d; i += 16) {
+          const V16 kv = V16::Load(d - i, kr + i);
+          for (int g = 0; g < G; ++g) acc[g] = V16::Fma(V16::Load(d - i, q + g * d + i), kv, acc[g]);
+        }
+      }
+      for (int g = 0; g < G; ++g) partial[g][j] = acc[g];
+    }
+    for (int g = 0; g < G; ++g) (V16::ReduceEach(partial[g]) * V16::Set1(scale)).Store(keys, scores + g * n + t0);
+  }
+}
+
+// out[G, d] = the weights p [G, n] (unnormalized; total: their sums) times values rows[0 .. n),
+// 64 of head_dim at a time, summed in registers over the keys in order; each value row read (and
+// widened) once for the G heads.
+template <int G, typename T>
+void WeightedValues(const float* p, const T* v, const int64_t* rows, int64_t n, int64_t d, const float* total,
+                    float* out) {
+  for (int64_t i0 = 0; i0 < d; i0 += 64) {
+    const int64_t live = d - i0;
+    V16 acc[G][4];
+    for (int g = 0; g < G; ++g)
+      for (int c = 0; c < 4; ++c) acc[g][c] = V16::Zero();
+    for (int64_t t = 0; t < n; ++t) {
+      const T* vr = v + rows[t] + i0;
+      V16 vv[4];
+      for (int c = 0; c < 4; ++c) vv[c] = live > 16 * c ? V16::Load(live - 16 * c, vr + 16 * c) : V16::Zero();
+      for (int g = 0; g < G; ++g) {
+        const V16 w = V16::Set1(p[g * n + t]);
+        for (int c = 0; c < 4; ++c)
+          if (live > 16 * c) acc[g][c] = V16::Fma(w, vv[c], acc[g][c]);
+      }
+    }
+    for (int g = 0; g < G; ++g) {
+      const V16 inv = V16::Set1(1.0f / total[g]);
+      for (int c = 0; c < 4; ++c) (acc[g][c] * inv).Store(live - 16 * c, out + g * d + i0 + 16 * c);
+    }
+  }
+}
 
 template <typename T>  // the pages' element: float, or uint16_t holding a bfloat16
 // offsets[t]: where token t's row of this sequence and KV head starts in a pool, for every t the
@@ -62,19 +122,15 @@ void AttendGroup(const Shapes& s, const float* q, const T* k, const T* v, const 
   thread_local std::vector<float> scores;
   scores.resize(g_count * n);
   const int64_t* rows = offsets + lo;
-  // 16 keys at a time: each key's lane-wise sum over head_dim, the 16 reduced together.
-  for (int64_t t0 = 0; t0 < n; t0 += 16) {
-    const int64_t keys = std::min<int64_t>(16, n - t0);
-    for (int64_t g = 0; g < g_count; ++g) {
-      const float* qh = qg + g * d;
-      V16 acc[16];
-      for (int64_t j = 0; j < 16; ++j) {
-        acc[j] = V16::Zero();
-        if (j >= keys) continue;
-        for (int64_t i = 0; i < d; i += 16)
-          acc[j] = V16::Fma(V16::Load(d - i, qh + i), V16::Load(d - i, k + rows[t0 + j] + i), acc[j]);
-      }
-      (V16::ReduceEach(acc) * V16::Set1(scale)).Store(keys, scores.data() + g * n + t0);
+  for (int64_t g0 = 0; g0 < g_count; g0 += kHeadsAtOnce) {
+    const int64_t heads = std::min(kHeadsAtOnce, g_count - g0);
+    float* sg = scores.data() + g0 * n;
+    const float* qh = qg + g0 * d;
+    switch (heads) {
+      case 1: Scores<1>(qh, k, rows, n, d, scale, sg); break;
+      case 2: Scores<2>(qh, k, rows, n, d, scale, sg); break;
+      case 3: Scores<3>(qh, k, rows, n, d, scale, sg); break;
+      default: Scores<4>(qh, k, rows, n, d, scale, sg); break;
     }
   }
   thread_local std::vector<float> total;
@@ -92,26 +148,15 @@ void AttendGroup(const Shapes& s, const float* q, const T* k, const T* v, const 
     }
     total[g] = sum.ReduceAdd();
   }
-  // The weighted values, 64 of head_dim at a time, summed in registers over the keys in order.
-  for (int64_t g = 0; g < g_count; ++g) {
-    const float* pg = scores.data() + g * n;
-    const V16 inv = V16::Set1(1.0f / total[g]);
-    for (int64_t i0 = 0; i0 < d; i0 += 64) {
-      const int64_t live = d - i0;
-      V16 a0 = V16::Zero(), a1 = a0, a2 = a0, a3 = a0;
-      for (int64_t t = 0; t < n; ++t) {
-        const T* vr = v + rows[t] + i0;
-        const V16 p = V16::Set1(pg[t]);
-        a0 = V16::Fma(p, V16::Load(live, vr), a0);
-        if (live > 16) a1 = V16::Fma(p, V16::Load(live - 16, vr + 16), a1);
-        if (live > 32) a2 = V16::Fma(p, V16::Load(live - 32, vr + 32), a2);
-        if (live > 48) a3 = V16::Fma(p, V16::Load(live - 48, vr + 48), a3);
-      }
-      float* o = og + g * d + i0;
-      (a0 * inv).Store(live, o);
-      (a1 * inv).Store(live - 16, o + 16);
-      (a2 * inv).Store(live - 32, o + 32);
-      (a3 * inv).Store(live - 48, o + 48);
+  for (int64_t g0 = 0; g0 < g_count; g0 += kHeadsAtOnce) {
+    const int64_t heads = std::min(kHeadsAtOnce, g_count - g0);
+    const float* pg = scores.data() + g0 * n;
+    float* o = og + g0 * d;
+    switch (heads) {
+      case 1: WeightedValues<1>(pg, v, rows, n, d, total.data() + g0, o); break;
+      case 2: WeightedValues<2>(pg, v, rows, n, d, total.data() + g0, o); break;
+      case 3: WeightedValues<3>(pg, v, rows, n, d, total.data() + g0, o); break;
+      default: WeightedValues<4>(pg, v, rows, n, d, total.data() + g0, o); break;
     }
   }
 }
