@@ -38,9 +38,13 @@ def machine_line() -> str:
                 if line.startswith("model name"):
                     cpu = line.split(":", 1)[1].strip()
                     break
+    # The features that pick jaxinfer's CPU kernels: machines sold under one name differ in them.
+    from pallas_kernels import cpu_native
+
+    flags = [f for f in ("avx2", "avx512f", "avx512_bf16", "amx_tile") if f in cpu_native.cpu_flags()]
     return (
-        f"machine: `{platform.machine()}`, CPU `{cpu}`, {os.cpu_count()} cores, "
-        f"jax {jax.__version__} ({jax.default_backend()})"
+        f"machine: `{platform.machine()}`, CPU `{cpu}` ({', '.join(flags) or 'none of avx2/avx512f/amx'}), "
+        f"{os.cpu_count()} cores, jax {jax.__version__} ({jax.default_backend()})"
     )
 
 
