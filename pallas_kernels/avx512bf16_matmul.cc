@@ -9,70 +9,48 @@
 // per pair row, already in the layout vdpbf16ps multiplies by a broadcast pair of x.
 #include <immintrin.h>
 
-#include <algorithm>
 #include <cstdint>
 #include <vector>
 
 #include "cpu_bf16.h"
-#include "cpu_parallel.h"
+#include "cpu_matmul_tiles.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
 
 namespace {
 
-constexpr int64_t kBlockCols = 16;  // output columns per packed block
-constexpr int64_t kPadK = 32;       // amx_matmul.pack pads K to this
-constexpr int kTileRows = 6;        // rows of x per register tile: 6 x 4 of the 32 registers hold sums
-constexpr int kTileBlocks = 4;      // column blocks per register tile and per work item
-constexpr int64_t kChunkRows = 8 * kTileRows;  // rows per work item, so that prefill splits finely
+using jaxinfer::kBlockCols;
+constexpr int64_t kPadK = 32;  // amx_matmul.pack pads K to this
+
+// 6 x 4 of the 32 registers hold a register tile's sums.
+constexpr int TileBlocks(int) { return 4; }
 
 // Rows [0, R) of xw (x as bfloat16 pairs, `x_pairs` per row) times column blocks [0, C) of
 // `panel` (`pairs` pair rows each) into y; the last block may be partial (`last_cols` real).
 template <int R, int C>
-__attribute__((target("avx512f,avx512bf16"))) void Tile(const uint32_t* xw, int64_t x_pairs, int64_t pairs,
-                                                       const uint32_t* panel, int64_t block_stride, float* y,
-                                                       int64_t n, int last_cols) {
-  __m512 acc[R][C];
-  for (int r = 0; r < R; ++r)
-    for (int c = 0; c < C; ++c) acc[r][c] = _mm512_setzero_ps();
-  for (int64_t j = 0; j < pairs; ++j) {
-    __m512i w[C];
-    for (int c = 0; c < C; ++c) w[c] = _mm512_loadu_si512(panel + c * block_stride + j * kBlockCols);
-    for (int r = 0; r < R; ++r) {
-      const __m512i xr = _mm512_set1_epi32(static_cast<int>(xw[r * x_pairs + j]));
-      for (int c = 0; c < C; ++c) acc[r][c] = _mm512_dpbf16_ps(acc[r][c], (__m512bh)xr, (__m512bh)w[c]);
+struct Tile {
+  __attribute__((target("avx512f,avx512bf16"))) static void Run(const uint32_t* xw, int64_t x_pairs, int64_t pairs,
+                                                               const uint32_t* panel, int64_t block_stride, float* y,
+                                                               int64_t n, int last_cols) {
+    __m512 acc[R][C];
+    for (int r = 0; r < R; ++r)
+      for (int c = 0; c < C; ++c) acc[r][c] = _mm512_setzero_ps();
+    for (int64_t j = 0; j < pairs; ++j) {
+      __m512i w[C];
+      for (int c = 0; c < C; ++c) w[c] = _mm512_loadu_si512(panel + c * block_stride + j * kBlockCols);
+      for (int r = 0; r < R; ++r) {
+        const __m512i xr = _mm512_set1_epi32(static_cast<int>(xw[r * x_pairs + j]));
+        for (int c = 0; c < C; ++c) acc[r][c] = _mm512_dpbf16_ps(acc[r][c], (__m512bh)xr, (__m512bh)w[c]);
+      }
     }
+    for (int r = 0; r < R; ++r)
+      for (int c = 0; c < C; ++c) {
+        const int cols = c == C - 1 ? last_cols : static_cast<int>(kBlockCols);
+        _mm512_mask_storeu_ps(y + r * n + c * kBlockCols, static_cast<__mmask16>((1u << cols) - 1), acc[r][c]);
+      }
   }
-  for (int r = 0; r < R; ++r)
-    for (int c = 0; c < C; ++c) {
-      const int cols = c == C - 1 ? last_cols : static_cast<int>(kBlockCols);
-      _mm512_mask_storeu_ps(y + r * n + c * kBlockCols, static_cast<__mmask16>((1u << cols) - 1), acc[r][c]);
-    }
-}
-
-using TileFn = void (*)(const uint32_t*, int64_t, int64_t, const uint32_t*, int64_t, float*, int64_t, int);
-
-template <int R>
-TileFn TileFor(int blocks) {
-  switch (blocks) {
-    case 1: return Tile<R, 1>;
-    case 2: return Tile<R, 2>;
-    case 3: return Tile<R, 3>;
-    default: return Tile<R, 4>;
-  }
-}
-
-TileFn TileFor(int rows, int blocks) {
-  switch (rows) {
-    case 1: return TileFor<1>(blocks);
-    case 2: return TileFor<2>(blocks);
-    case 3: return TileFor<3>(blocks);
-    case 4: return TileFor<4>(blocks);
-    case 5: return TileFor<5>(blocks);
-    default: return TileFor<6>(blocks);
-  }
-}
+};
 
 ffi::Error Matmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::BF16> packed,
                   ffi::ResultBuffer<ffi::F32> y) {
@@ -92,17 +70,11 @@ ffi::Error Matmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi
   const uint32_t* wp = reinterpret_cast<const uint32_t*>(packed.typed_data());
   float* yp = y->typed_data();
   const int64_t pairs = (k + 1) / 2, block_stride = x_pairs * kBlockCols;
-  const int64_t panels = (blocks + kTileBlocks - 1) / kTileBlocks, chunks = (m + kChunkRows - 1) / kChunkRows;
-  // Column panels vary fastest: at decode's single chunk the items split the weights.
-  jaxinfer::ParallelFor(pool, panels * chunks, [=](int64_t item) {
-    const int64_t panel = item % panels, r_end = std::min(m, (item / panels + 1) * kChunkRows);
-    const int64_t block0 = panel * kTileBlocks, count = std::min<int64_t>(kTileBlocks, blocks - block0);
-    const int last_cols = static_cast<int>(std::min(kBlockCols, n - (block0 + count - 1) * kBlockCols));
-    for (int64_t r0 = item / panels * kChunkRows; r0 < r_end; r0 += kTileRows) {
-      const int rows = static_cast<int>(std::min<int64_t>(kTileRows, r_end - r0));
-      TileFor(rows, static_cast<int>(count))(xp + r0 * x_pairs, x_pairs, pairs, wp + block0 * block_stride,
-                                             block_stride, yp + r0 * n + block0 * kBlockCols, n, last_cols);
-    }
+  jaxinfer::ForEachTile<TileBlocks>(pool, m, n, blocks, [=](int64_t r0, int rows, int64_t block0, int count,
+                                                             int last_cols) {
+    jaxinfer::TileTable<Tile, TileBlocks>::For(rows, count)(xp + r0 * x_pairs, x_pairs, pairs,
+                                                            wp + block0 * block_stride, block_stride,
+                                                            yp + r0 * n + block0 * kBlockCols, n, last_cols);
   });
   return ffi::Error::Success();
 }

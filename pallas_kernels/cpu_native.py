@@ -39,7 +39,7 @@ import jax
 logger = logging.getLogger("jaxinfer")
 
 HERE = Path(__file__).parent
-HEADERS = (HERE / "cpu_bf16.h", HERE / "cpu_parallel.h", HERE / "cpu_vec16.h")
+HEADERS = (HERE / "cpu_bf16.h", HERE / "cpu_matmul_tiles.h", HERE / "cpu_parallel.h", HERE / "cpu_vec16.h")
 AMX_MATMUL = "jaxinfer_amx_matmul"
 AVX512BF16_MATMUL = "jaxinfer_avx512bf16_matmul"
 F32_MATMUL = "jaxinfer_f32_matmul"
