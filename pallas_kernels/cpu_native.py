@@ -13,10 +13,10 @@ On CPU the engine runs XLA's code except where a small kernel of ours is measura
 
 XLA calls them through its FFI (``jax.ffi``), on its own intra-op thread pool. They are compiled
 together into one shared library on first use, for the best instruction-set level this CPU runs
-(``LEVELS``: AVX-512 with AMX, or AVX2 with FMA), with the system's C++ compiler against JAX's
+(``LEVELS``: AVX-512, with the bfloat16 matmuls, or AVX2 with FMA), with the system's C++ compiler against JAX's
 FFI headers, and kept in a directory the caller names (the engine uses ``$JAXINFER_HOME/native``).
-Without one of those levels, a compiler or (for the bfloat16 matmuls) AMX and the OS's permission
-to use it or AVX512_BF16, ``enable`` logs why and the engine keeps XLA's code.
+Without one of those levels, a compiler or (for the bfloat16 matmuls) AVX512_BF16, or AMX and the
+OS's permission to use it, ``enable`` logs why and the engine keeps XLA's code.
 """
 
 from __future__ import annotations
@@ -75,7 +75,7 @@ class IsaLevel:
 
 
 # Best first. The kernels are written once against cpu_vec16.h's 16-lane vectors; the AVX2 build
-# serves AMD EPYC and older Intel CPUs.
+# serves AMD EPYCs before Zen 4 and older Intel CPUs.
 LEVELS = (
     IsaLevel("avx512", frozenset({"avx512f", "avx512bw", "avx512vl"}),
              ("-mavx512f", "-mavx512bw", "-mavx512vl", "-mamx-tile", "-mamx-bf16"), bf16_matmuls=True),
