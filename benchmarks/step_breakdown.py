@@ -14,13 +14,16 @@ of the engine as shipped, side by side with four what-if variants of it.
   after many tokens.
 - ``gate/up fused``: each MLP's gate and up projections concatenated into one [576, 3072] matmul,
   as the engine already does for q/k/v. Its tokens must equal the engine's.
+- ``4 KiB pages``: the weights left in XLA's own buffers instead of the engine's huge-page mapping
+  (``jaxinfer.huge_pages``). Its tokens must equal the engine's.
 
 The variants are built by swapping ``jaxinfer.model``'s attention function or MLP module while
-their runner traces its shape buckets (``warmup``), so they run the engine's own scheduler,
+their runner traces its shape buckets (``warmup``) (``jaxinfer.model_runner``'s ``to_huge_pages`` for
+the pages), so they run the engine's own scheduler,
 buckets and sampler. Engines alternate within each repeat; per batch size: median step time over
 all pure decode steps (no prefill in them) of all repeats.
 
-    .venv/bin/python benchmarks/step_breakdown.py --batches 1,16,32 [--write-results]
+    .venv/bin/python benchmarks/step_breakdown.py --batches 1,16,32 [--variants "4 KiB pages"] [--write-results]
 """
 
 from __future__ import annotations
@@ -80,6 +83,18 @@ def fuse_gate_up_params(params, num_layers: int):
 
 
 @contextlib.contextmanager
+def small_pages() -> Iterator[None]:
+    from jaxinfer import model_runner
+
+    original = model_runner.to_huge_pages
+    model_runner.to_huge_pages = lambda tree, device: tree
+    try:
+        yield
+    finally:
+        model_runner.to_huge_pages = original
+
+
+@contextlib.contextmanager
 def gate_up_module() -> Iterator[None]:
     from jaxinfer import model
 
@@ -91,6 +106,24 @@ def gate_up_module() -> Iterator[None]:
         model.MLP = original
 
 
+def huge_page_state() -> str:
+    """The kernel's THP mode and how much of this process sits in huge pages (Linux)."""
+    try:
+        with open("/sys/kernel/mm/transparent_hugepage/enabled") as f:
+            mode = f.read().strip()
+        with open("/proc/self/smaps_rollup") as f:
+            held = next(line.split(":")[1].strip() for line in f if line.startswith("AnonHugePages"))
+    except (OSError, StopIteration):
+        return "unknown (no /sys/kernel/mm/transparent_hugepage or /proc/self/smaps_rollup)"
+    return f"mode `{mode}`; this process held {held} of anonymous memory in huge pages at the end"
+
+
+# Variant -> how its column compares: "share" (what taking it out saves), "slower" (variant / engine),
+# "faster" (engine / variant).
+VARIANTS = {"no attention": "share", "XLA attention": "slower", "XLA matmuls": "slower", "gate/up fused": "faster",
+            "4 KiB pages": "slower"}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--batches", default="1,16,32", help="decode batch sizes, comma-separated (default 1,16,32)")
@@ -99,9 +132,14 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3, help="runs of each engine per batch size, alternating")
     ap.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
                     help="weights (bfloat16: the CPU's bfloat16 mode, AMX kernel where available)")
+    ap.add_argument("--variants", default=",".join(VARIANTS),
+                    help=f"what-if variants run beside the engine, comma-separated (default: all of {', '.join(VARIANTS)})")
     ap.add_argument("--write-results", action="store_true", help="append a dated section to benchmarks/RESULTS.md")
     args = ap.parse_args()
     batches = [int(b) for b in args.batches.split(",")]
+    chosen = [v.strip() for v in args.variants.split(",") if v.strip()]
+    if unknown := set(chosen) - set(VARIANTS):
+        raise SystemExit(f"unknown variants {sorted(unknown)}; choose from {list(VARIANTS)}")
     load_before, times_before = load_average(), cpu_times()
 
     import jax.numpy as jnp
@@ -113,53 +151,64 @@ def main() -> None:
     from pallas_kernels import cpu_native
 
     loaded = load_model(embedded_model_path(progress=False), jnp.dtype(args.dtype), progress=False)
-    if loaded.config.weight_quant is not None or loaded.config.mlp_bias:
+    if "gate/up fused" in chosen and (loaded.config.weight_quant is not None or loaded.config.mlp_bias):
         raise SystemExit("the gate/up variant expects float MLP weights without biases")
     prompt = prompt_ids(loaded.tokenizer, args.prompt_tokens)
     options = {"max_batch_size": max(batches), "session_len": args.prompt_tokens + args.decode_tokens + 64}
-    variants = {
-        "engine": (loaded.params, contextlib.nullcontext),
-        "no attention": (loaded.params, no_attention),
-        "XLA attention": (loaded.params, lambda: cpu_native.turned_off("paged_attention")),
-        "XLA matmuls": (loaded.params, lambda: cpu_native.turned_off("f32_matmul", "amx_matmul", "avx512bf16_matmul")),
-        "gate/up fused": (fuse_gate_up_params(loaded.params, loaded.config.num_layers), gate_up_module),
+    same_params = lambda: loaded.params  # noqa: E731
+    swaps = {  # variant -> (its parameters, the swap it runs under)
+        "no attention": (same_params, no_attention),
+        "XLA attention": (same_params, lambda: cpu_native.turned_off("paged_attention")),
+        "XLA matmuls": (same_params, lambda: cpu_native.turned_off("f32_matmul", "amx_matmul", "avx512bf16_matmul")),
+        "gate/up fused": (lambda: fuse_gate_up_params(loaded.params, loaded.config.num_layers), gate_up_module),
+        "4 KiB pages": (same_params, small_pages),
     }
-    engines = {}
-    for name, (params, swap) in variants.items():
-        engine = build_engine(loaded, warmup=name == "engine", progress=False, **options)
-        if name != "engine":
-            r = engine.runner  # same buckets and pages, the variant's model
-            with swap():
-                engine.runner = ModelRunner(loaded.config, params, loaded.dtype, r.buckets, r.cache.num_pages, 0)
-                engine.runner.warmup(progress=False)
+    engines = {"engine": build_engine(loaded, progress=False, **options)}
+    for name in chosen:
+        params, swap = swaps[name][0](), swaps[name][1]
+        engine = build_engine(loaded, warmup=False, progress=False, **options)
+        r = engine.runner  # same buckets and pages, the variant's model
+        with swap():
+            engine.runner = ModelRunner(loaded.config, params, loaded.dtype, r.buckets, r.cache.num_pages, 0)
+            engine.runner.warmup(progress=False)
         engines[name] = engine
 
-    rows = [("| batch | engine ms/step | no attention ms/step | attention's share | XLA attention ms/step "
-             "| XLA attention / engine | XLA attention tokens equal | XLA matmuls ms/step | XLA matmuls / engine "
-             "| XLA matmuls tokens equal | gate/up fused ms/step | engine / gate/up fused | gate/up tokens equal |"),
-            "|---:|---:|---:|---:|---:|---:|---|---:|---:|---|---:|---:|---|"]
+    header, align = ["batch", "engine ms/step"], ["---:", "---:"]
+    for name in chosen:
+        kind = VARIANTS[name]
+        header += [f"{name} ms/step", "attention's share" if kind == "share" else
+                   f"engine / {name}" if kind == "faster" else f"{name} / engine"]
+        align += ["---:", "---:"]
+        if kind != "share":
+            header.append(f"{name} tokens equal")
+            align.append("---")
+    rows = ["| " + " | ".join(header) + " |", "|" + "|".join(align) + "|"]
     for batch in batches:
         med, tokens = alternate(engines, prompt, batch, args.decode_tokens, args.repeats)
-        share = (med["engine"] - med["no attention"]) / med["engine"]
-        same = {k: "yes" if tokens["engine"] == tokens[k] else "**no**"
-                for k in ("XLA attention", "XLA matmuls", "gate/up fused")}
-        rows.append(f"| {batch} | {med['engine']:.1f} | {med['no attention']:.1f} | {share:.0%} | "
-                    f"{med['XLA attention']:.1f} | {med['XLA attention'] / med['engine']:.2f}x | "
-                    f"{same['XLA attention']} | {med['XLA matmuls']:.1f} | {med['XLA matmuls'] / med['engine']:.2f}x | "
-                    f"{same['XLA matmuls']} | {med['gate/up fused']:.1f} | "
-                    f"{med['engine'] / med['gate/up fused']:.2f}x | {same['gate/up fused']} |")
+        cells = [str(batch), f"{med['engine']:.1f}"]
+        for name in chosen:
+            kind, ms = VARIANTS[name], med[name]
+            cells.append(f"{ms:.1f}")
+            if kind == "share":
+                cells.append(f"{(med['engine'] - ms) / med['engine']:.0%}")
+            else:
+                cells.append(f"{med['engine'] / ms if kind == 'faster' else ms / med['engine']:.2f}x")
+                cells.append("yes" if tokens["engine"] == tokens[name] else "**no**")
+        rows.append("| " + " | ".join(cells) + " |")
         print(rows[-1], flush=True)
     notes = [
         (f"- SmolLM2-135M {args.dtype} weights (embedded GGUF dequantized; matmul kernel: "
          f"{engines['engine'].runner.matmul_kernel}), {args.prompt_tokens}-token prompt, "
          f"{args.decode_tokens} greedy tokens per request (context {args.prompt_tokens}-"
          f"{args.prompt_tokens + args.decode_tokens}), {args.repeats} repeats per engine alternating; median over "
-         "all pure decode steps. attention's share = (engine - no attention) / engine."),
+         "all pure decode steps. attention's share = (engine - no attention) / engine; a ratio above 1 means "
+         "the engine is faster."),
         f"- Load: before `{load_before}`; after `{load_average()}`. {stolen_since(times_before)}.",
     ]
-    publish("Decode step breakdown: attention's share, attention and matmul kernels, gate/up fusion, "
-            f"SmolLM2-135M {args.dtype} "
-            "weights", rows, notes,
+    if "4 KiB pages" in chosen:
+        notes.append(f"- Transparent huge pages: {huge_page_state()}.")
+    publish(f"Decode step breakdown: the engine vs {', '.join(chosen)}, SmolLM2-135M {args.dtype} weights",
+            rows, notes,
             write=args.write_results)
 
 

@@ -23,6 +23,7 @@ from jaxinfer.config import ModelConfig, activation_dtype, kv_cache_dtype
 from jaxinfer.exported_steps import can_export, lower_saved
 from jaxinfer.kv_cache import AttentionMetadata, KVCache
 from jaxinfer.home import jaxinfer_home
+from jaxinfer.huge_pages import to_huge_pages
 from jaxinfer.model import CPU_MATMULS, LlamaModel, fuse_qkv_params, pack_cpu_weights, rope_table
 from jaxinfer.sampler import SampleOutput, SamplingTensors, sample
 from pallas_kernels import cpu_native, dispatch
@@ -47,7 +48,8 @@ class ModelRunner:
         unquantized cache's, by default ``kv_cache_dtype(dtype)``.
         On CPU it turns on jaxinfer's CPU kernels (``pallas_kernels.cpu_native``), and weights
         under float32 activations are packed for the matmul kernel of their dtype when it can run
-        (``self.matmul_kernel`` names it: ``bf16_matmul`` for bfloat16, ``f32_matmul`` for float32)."""
+        (``self.matmul_kernel`` names it: ``bf16_matmul`` for bfloat16, ``f32_matmul`` for float32).
+        On CPU the weights are then moved into huge pages (``jaxinfer.huge_pages``)."""
         self.config = config
         self.params = fuse_qkv_params(params, config) if fused_qkv else params
         self.buckets = buckets
@@ -60,6 +62,7 @@ class ModelRunner:
             None)
         if self.matmul_kernel is not None:
             self.params = pack_cpu_weights(self.params, config, self.matmul_kernel)
+        self.params = to_huge_pages(self.params, jax.devices()[0])
         self.model = LlamaModel(config, act, fused_qkv)
         kv_dtype = jnp.dtype(kv_dtype or kv_cache_dtype(dtype))
         # Committed to its device, as every step's output cache is: the first step then runs the
