@@ -172,23 +172,49 @@ class GGUFCheckpoint:
 
     def tokenizer_backend(self):
         """The tokenizer (with its chat template) rebuilt from the GGUF metadata, or None if the
-        file carries no tokenizer: byte-level BPE ones built here with ``tokenizers``, others by
-        transformers (whose GGUF reader needs torch)."""
-        if self._field("tokenizer.ggml.model") is None:
+        file carries no tokenizer: byte-level BPE ones built here with ``tokenizers``,
+        sentencepiece ones (``llama``) by transformers' builders from metadata read here, others by
+        transformers from the file (its GGUF reader needs torch)."""
+        model = self._field("tokenizer.ggml.model")
+        if model is None:
             return None
         if self._builds_byte_level_bpe():
             return self._byte_level_bpe_tokenizer()
-        from transformers import AutoTokenizer
-
-        directory, filename = os.path.split(os.path.abspath(self.path))
         try:
-            tok = AutoTokenizer.from_pretrained(directory, gguf_file=filename)
+            if model == "llama":
+                tok = self._sentencepiece_tokenizer()
+            else:
+                from transformers import AutoTokenizer
+
+                directory, filename = os.path.split(os.path.abspath(self.path))
+                tok = AutoTokenizer.from_pretrained(directory, gguf_file=filename)
         except Exception as e:
             raise CheckpointError(self.path, f"cannot rebuild the tokenizer from GGUF metadata ({e})") from None
         template = self._field("tokenizer.chat_template")
         if template and not getattr(tok, "chat_template", None):
             tok.chat_template = template
         return tok
+
+    def _sentencepiece_tokenizer(self):
+        """What ``AutoTokenizer.from_pretrained(gguf_file=...)`` makes of a sentencepiece (``llama``)
+        vocabulary, without its GGUF reader: the metadata it would read, under its names, handed to
+        the same builder (``convert_gguf_tokenizer``) and tokenizer class."""
+        from transformers.integrations.gguf.gguf_tokenizer_mapping import (
+            GGUF_TOKENIZER_MAPPING, convert_gguf_tokenizer)
+        from transformers.tokenization_utils_tokenizers import TokenizersBackend
+
+        tokenizer_dict, config = (
+            {name: self._field(f"tokenizer.{key}") for key, name in renames.items()
+             if self._field(f"tokenizer.{key}") is not None}
+            for renames in (GGUF_TOKENIZER_MAPPING["tokenizer"], GGUF_TOKENIZER_MAPPING["tokenizer_config"]))
+        config.setdefault("add_bos_token", True)  # llama.cpp adds BOS to a sentencepiece vocabulary unless told not to
+        tokens = tokenizer_dict["tokens"]
+        for name, key in (("bos_token", "bos_token_id"), ("eos_token", "eos_token_id"),
+                          ("unk_token", "unknown_token_id"), ("pad_token", "padding_token_id")):
+            token_id = self._field(f"tokenizer.ggml.{key}")
+            config[name] = tokens[int(token_id)] if token_id is not None else None
+        backend, extra = convert_gguf_tokenizer(self.architecture, tokenizer_dict)
+        return TokenizersBackend(tokenizer_object=backend, **config, **extra)
 
     def _builds_byte_level_bpe(self) -> bool:
         # The case built here and checked against transformers' conversion (tests/test_gguf.py):

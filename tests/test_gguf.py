@@ -393,3 +393,64 @@ def test_smollm2_tokenizer_is_built_as_transformers_converts_it(smollm2_gguf, tm
             "print(sorted(m for m in ('transformers', 'torch') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+
+
+def write_sentencepiece_gguf(path) -> None:
+    """A GGUF carrying only a small sentencepiece (``llama``) vocabulary, as llama.cpp writes one
+    for Llama 2 or Mistral: unknown, BOS and EOS first, byte-fallback tokens, then pieces whose
+    scores give the merge order."""
+    pieces = ["▁the", "▁a", "th", "he", "▁t", "▁", "e", "t", "h", "a", "s", "▁is", "is", "i", "n", "▁in", "o",
+              "r", "▁or", "d", "▁and", "an", "nd"]
+    tokens = ["<unk>", "<s>", "</s>"] + [f"<0x{b:02X}>" for b in range(256)] + pieces
+    w = gguf.GGUFWriter(str(path), "llama")
+    w.add_block_count(1)
+    w.add_context_length(64)
+    w.add_embedding_length(8)
+    w.add_feed_forward_length(16)
+    w.add_head_count(2)
+    w.add_head_count_kv(1)
+    w.add_vocab_size(len(tokens))
+    w.add_tokenizer_model("llama")
+    w.add_token_list(tokens)
+    w.add_token_scores([0.0] * 259 + [-float(i) for i in range(len(pieces))])
+    w.add_token_types([2, 3, 3] + [6] * 256 + [1] * len(pieces))  # unknown, control, byte, normal
+    w.add_bos_token_id(1)
+    w.add_eos_token_id(2)
+    w.add_unk_token_id(0)
+    w.add_chat_template("{% for m in messages %}[{{ m['role'] }}] {{ m['content'] }}{{ eos_token }}{% endfor %}")
+    w.add_tensor("token_embd.weight", np.zeros((len(tokens), 8), np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+
+
+def test_sentencepiece_tokenizer_is_built_as_transformers_converts_it_without_torch(tmp_path):
+    """A sentencepiece vocabulary (Llama 2, Mistral) is built by transformers' own builder from
+    metadata read here, not by its GGUF reader (which imports torch, absent from `make chat`'s
+    environment): the same tokenizer as ``AutoTokenizer.from_pretrained(gguf_file=...)``."""
+    import json
+
+    from transformers import AutoTokenizer
+
+    path = tmp_path / "spm.gguf"
+    write_sentencepiece_gguf(path)
+    ours = GGUFCheckpoint(str(path)).tokenizer_backend()
+    hf = AutoTokenizer.from_pretrained(str(tmp_path), gguf_file=path.name)
+    for text in ["the thing is in and or", "Hello wörld\n  x", "", " leading space", "</s> <s>"]:
+        assert ours(text)["input_ids"] == hf(text)["input_ids"], text
+        assert ours.decode(hf(text)["input_ids"]) == hf.decode(hf(text)["input_ids"])
+    assert ours("the")["input_ids"][0] == 1  # llama.cpp's default for sentencepiece: BOS added
+    ours.save_pretrained(str(tmp_path / "ours"))
+    hf.save_pretrained(str(tmp_path / "hf"))
+    read = lambda side, name: (tmp_path / side / name).read_text()  # noqa: E731
+    assert json.loads(read("ours", "tokenizer.json")) == json.loads(read("hf", "tokenizer.json"))
+    assert read("ours", "chat_template.jinja") == read("hf", "chat_template.jinja")
+    hf_config = json.loads(read("hf", "tokenizer_config.json"))
+    for key, value in json.loads(read("ours", "tokenizer_config.json")).items():
+        assert hf_config.get(key) == value, key
+    code = ("import sys; from converters.gguf import GGUFCheckpoint; "
+            f"assert GGUFCheckpoint({str(path)!r}).tokenizer_backend()('the a')['input_ids'] == {hf('the a')['input_ids']}; "
+            "print(sorted(m for m in ('torch', 'transformers.integrations.gguf.reader') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
