@@ -3,9 +3,9 @@
 A decode step at small batch streams every weight from memory once, so it runs at the host's read
 bandwidth. XLA:CPU allocates each buffer by itself in 4 KiB pages; read through 2 MiB pages, a
 stream misses the TLB 512x less often. On the 2-core Zen 4 a 2-thread read of 540 MB ran
-1.04-1.2x faster from huge pages, the most when the shared host's bandwidth was high (46-48 ->
-54-56 GB/s), and SmolLM2's batch-1 decode steps ~1.015x faster with the bandwidth low
-(exploratory, interleaved; ``benchmarks/step_breakdown.py`` measures the engine with and without).
+1.02-1.2x faster from huge pages, the most when the shared host's bandwidth was high (46-48 ->
+54-56 GB/s; exploratory, side by side), and SmolLM2's batch-1 decode steps 1.04x faster, batch
+8-32 unchanged (``benchmarks/step_breakdown.py --variants "4 KiB pages"``, RESULTS.md 19:03).
 
 ``to_huge_pages`` copies every array of a tree into one private anonymous mapping, aligned to
 2 MiB and advised ``MADV_HUGEPAGE`` before its first touch (so that page faults take huge pages
