@@ -203,16 +203,14 @@ class GGUFCheckpoint:
             GGUF_TOKENIZER_MAPPING, convert_gguf_tokenizer)
         from transformers.tokenization_utils_tokenizers import TokenizersBackend
 
-        tokenizer_dict, config = (
-            {name: self._field(f"tokenizer.{key}") for key, name in renames.items()
-             if self._field(f"tokenizer.{key}") is not None}
-            for renames in (GGUF_TOKENIZER_MAPPING["tokenizer"], GGUF_TOKENIZER_MAPPING["tokenizer_config"]))
+        def present(renames: dict) -> dict:
+            values = {name: self._field(f"tokenizer.{key}") for key, name in renames.items()}
+            return {name: value for name, value in values.items() if value is not None}
+
+        tokenizer_dict = present(GGUF_TOKENIZER_MAPPING["tokenizer"])
+        config = present(GGUF_TOKENIZER_MAPPING["tokenizer_config"])
         config.setdefault("add_bos_token", True)  # llama.cpp adds BOS to a sentencepiece vocabulary unless told not to
-        tokens = tokenizer_dict["tokens"]
-        for name, key in (("bos_token", "bos_token_id"), ("eos_token", "eos_token_id"),
-                          ("unk_token", "unknown_token_id"), ("pad_token", "padding_token_id")):
-            token_id = self._field(f"tokenizer.ggml.{key}")
-            config[name] = tokens[int(token_id)] if token_id is not None else None
+        config.update(self._special_tokens(tokenizer_dict["tokens"]))
         backend, extra = convert_gguf_tokenizer(self.architecture, tokenizer_dict)
         return TokenizersBackend(tokenizer_object=backend, **config, **extra)
 
@@ -241,10 +239,14 @@ class GGUFCheckpoint:
         tok.post_processor = processors.TemplateProcessing(single="$A", pair="$A $B:1", special_tokens=[])
         tok.add_special_tokens([tokenizers.AddedToken(t, special=True, normalized=False)
                                 for t, kind in zip(tokens, types) if kind == 3])
-        config = {"backend": "tokenizers", "tokenizer_class": "TokenizersBackend"}
-        for name, key in (("bos_token", "bos_token_id"), ("eos_token", "eos_token_id"),
-                          ("unk_token", "unknown_token_id"), ("pad_token", "padding_token_id")):
-            token_id = self._field(f"tokenizer.ggml.{key}")
-            if token_id is not None:
-                config[name] = tokens[int(token_id)]
+        named = {name: token for name, token in self._special_tokens(tokens).items() if token is not None}
+        config = {"backend": "tokenizers", "tokenizer_class": "TokenizersBackend", **named}
         return FastTokenizer(tok, config, self._field("tokenizer.chat_template"))
+
+    def _special_tokens(self, tokens: list[str]) -> dict[str, str | None]:
+        """``bos_token``, ``eos_token``, ``unk_token`` and ``pad_token``: the strings of the ids the
+        metadata names, None where it names none."""
+        ids = {"bos_token": "bos_token_id", "eos_token": "eos_token_id", "unk_token": "unknown_token_id",
+               "pad_token": "padding_token_id"}
+        return {name: None if (i := self._field(f"tokenizer.ggml.{key}")) is None else tokens[int(i)]
+                for name, key in ids.items()}
