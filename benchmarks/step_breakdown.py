@@ -1,5 +1,5 @@
 """What parts of a decode step cost, measured by taking them out: SmolLM2-135M decode steps
-of the engine as shipped, side by side with four what-if variants of it.
+of the engine as shipped, side by side with what-if variants of it (``--variants`` picks them).
 
 - ``no attention``: paged attention replaced by a copy of the queries (KV writes, projections,
   MLP and LM head unchanged). Its step time is the engine's minus what attention costs, so
