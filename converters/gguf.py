@@ -172,16 +172,16 @@ class GGUFCheckpoint:
 
     def tokenizer_backend(self):
         """The tokenizer (with its chat template) rebuilt from the GGUF metadata, or None if the
-        file carries no tokenizer: byte-level BPE ones built here with ``tokenizers``,
-        sentencepiece ones (``llama``) by transformers' builders from metadata read here, others by
-        transformers from the file (its GGUF reader needs torch)."""
+        file carries no tokenizer: byte-level BPE ones built here with ``tokenizers``; the
+        sentencepiece ones of Llama-architecture files by transformers' builders from metadata
+        read here; others by transformers from the file (its GGUF reader needs torch)."""
         model = self._field("tokenizer.ggml.model")
         if model is None:
             return None
         if self._builds_byte_level_bpe():
             return self._byte_level_bpe_tokenizer()
         try:
-            if model == "llama":
+            if model == "llama" and self.architecture == "llama":  # the case tested against transformers
                 tok = self._sentencepiece_tokenizer()
             else:
                 from transformers import AutoTokenizer
