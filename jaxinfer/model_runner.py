@@ -49,7 +49,8 @@ class ModelRunner:
         On CPU it turns on jaxinfer's CPU kernels (``pallas_kernels.cpu_native``), and weights
         under float32 activations are packed for the matmul kernel of their dtype when it can run
         (``self.matmul_kernel`` names it: ``bf16_matmul`` for bfloat16, ``f32_matmul`` for float32).
-        On CPU the weights are then moved into huge pages (``jaxinfer.huge_pages``)."""
+        On CPU the weights are then copied into huge pages (``jaxinfer.huge_pages``): the runner holds
+        its own copy, and a caller that keeps ``params`` alive keeps a second one."""
         self.config = config
         self.params = fuse_qkv_params(params, config) if fused_qkv else params
         self.buckets = buckets
