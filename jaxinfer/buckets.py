@@ -75,7 +75,7 @@ class StepArrays:
     """Host arrays of one padded step; ``history`` is None when no row has penalties (the runner
     then passes a constant array of the same shape)."""
 
-    tokens: np.ndarray  # [batch, q_len] int32
+    tokens: np.ndarray  # [batch, q_len] int32 (a device array when fed from the step before)
     positions: np.ndarray  # [batch, q_len] int32
     slot_mapping: np.ndarray  # [batch, q_len] int32
     block_tables: np.ndarray  # [batch, pages_per_seq] int32
@@ -140,10 +140,11 @@ class Buckets:
             groups.append([i])
         return groups
 
-    def pad(self, rows: Sequence[StepRow], shape: tuple[int, int]) -> StepArrays:
-        """The arrays of ``rows`` padded to ``shape``; padding tokens write to the trash page."""
+    def pad(self, rows: Sequence[StepRow | None], shape: tuple[int, int]) -> StepArrays:
+        """The arrays of ``rows`` padded to ``shape``; padding tokens (and rows that are None)
+        write to the trash page."""
         batch, q_len = shape
-        if len(rows) > batch or any(len(r.token_ids) > q_len for r in rows):
+        if len(rows) > batch or any(r is not None and len(r.token_ids) > q_len for r in rows):
             raise ValueError(f"rows do not fit the bucket {shape}")
         vocab = self.vocab_size
         tokens = np.zeros((batch, q_len), np.int32)
@@ -168,9 +169,11 @@ class Buckets:
             "num_logprobs": np.full(batch, -1, np.int32),
         }
         history = None
-        if any(r.history is not None for r in rows):
+        if any(r is not None and r.history is not None for r in rows):
             history = np.full((batch, self.history_len), vocab, np.int32)
         for i, r in enumerate(rows):
+            if r is None:
+                continue
             n = len(r.token_ids)
             pos = np.arange(r.start, r.start + n, dtype=np.int32)
             pages = np.asarray(r.pages, np.int32)

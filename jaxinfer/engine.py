@@ -1,8 +1,10 @@
 """The engine loop: scheduler -> jitted model step -> sampled tokens -> stop checks and text.
 
-``LLMEngine`` is synchronous and single-threaded: ``add_request`` queues, ``step`` runs one
-continuous-batching step and returns the requests that advanced. The offline ``LLM`` API drives it
-to completion; ``AsyncLLM`` drives it from a thread for asyncio callers.
+``LLMEngine`` is single-threaded: ``add_request`` queues, ``step`` runs one continuous-batching
+step and returns the requests that advanced. While only decoding goes on, each step sends the next
+one to the device before it reads its own tokens (async scheduling), so host and device overlap.
+The offline ``LLM`` API drives it to completion; ``AsyncLLM`` drives it from a thread for asyncio
+callers.
 """
 
 from __future__ import annotations
@@ -20,11 +22,11 @@ from jaxinfer.detokenizer import IncrementalDetokenizer
 from jaxinfer.engine_config import EngineConfig
 from jaxinfer.exported_steps import exported_steps_dir
 from jaxinfer.kv_cache import plan_cache
-from jaxinfer.model_runner import ModelRunner
+from jaxinfer.model_runner import ModelRunner, PendingStep
 from jaxinfer.outputs import CompletionOutput, RequestOutput, TokenLogprob
 from jaxinfer.sampler import SampleOutput
 from jaxinfer.sampling_params import SamplingParams
-from jaxinfer.scheduler import Scheduler
+from jaxinfer.scheduler import Scheduler, SchedulerOutput
 from jaxinfer.sequence import FinishReason, Request, Sequence
 from jaxinfer.stop_strings import find_stop
 from jaxinfer.tokenizer import Tokenizer
@@ -33,6 +35,22 @@ logger = logging.getLogger(__name__)
 
 # Odd 64-bit constant (golden ratio) spreading the seeds of a request's n completions apart.
 _SEED_STRIDE = 0x9E3779B97F4A7C15
+
+
+@dataclass(frozen=True)
+class _InFlight:
+    """A step sent to the device whose tokens the host has not read yet.
+
+    Attributes:
+      rows: ``(sequence, tokens it computes, the call computing them, row in that call)``, in the
+        scheduler's order.
+      decode_slots: when the step only decoded: its sequences by batch row (None: padding).
+      decode_step: the decode call, if any.
+    """
+
+    rows: list[tuple[Sequence, int, PendingStep, int]]
+    decode_slots: list[Sequence | None] | None
+    decode_step: PendingStep | None
 
 
 @dataclass
@@ -87,6 +105,7 @@ class LLMEngine:
         self.scheduler = Scheduler(self.block_manager, engine_config.max_batch_size, engine_config.max_prefill_tokens)
         self.stats = EngineStats()
         self._requests: dict[str, Request] = {}
+        self._in_flight: _InFlight | None = None
         if warmup:
             self.runner.warmup(progress)
 
@@ -139,6 +158,7 @@ class LLMEngine:
             if not seq.finished:
                 seq.finish_reason = FinishReason.ABORT
                 self.scheduler.remove(seq)
+        self._forget_finished_flight()
         return self._output(request)
 
     def has_unfinished_requests(self) -> bool:
@@ -154,45 +174,100 @@ class LLMEngine:
 
     # -- stepping ----------------------------------------------------------------------------
 
-    def _row(self, seq: Sequence, n: int) -> StepRow:
-        start = seq.num_computed
+    def _row(self, seq: Sequence, n: int, ahead: bool = False) -> StepRow:
+        """``seq``'s next ``n`` tokens; ``ahead``: the token after the one a step in flight samples
+        (its id is fed on device; no history, so no penalties)."""
+        start = seq.num_tokens if ahead else seq.num_computed
         p = seq.params
         banned = () if p.ignore_eos else tuple(self.eos_token_ids)
         return StepRow(
-            token_ids=seq.token_ids[start : start + n], start=start, pages=seq.pages,
-            sampling=p, seed=seq.seed, num_generated=len(seq.output_token_ids),
-            history=seq.token_ids if p.penalized else None, prompt_len=len(seq.prompt_token_ids),
+            token_ids=(0,) if ahead else seq.token_ids[start : start + n], start=start, pages=seq.pages,
+            sampling=p, seed=seq.seed, num_generated=len(seq.output_token_ids) + ahead,
+            history=seq.token_ids if p.penalized and not ahead else None, prompt_len=len(seq.prompt_token_ids),
             banned_ids=banned + p.stop_token_ids,
         )
 
     def step(self) -> list[RequestOutput]:
-        """Run one step; return an output for every request that produced a token or finished."""
-        sched = self.scheduler.schedule()
-        self.stats.preemptions += len(sched.preempted)
-        if sched.empty:
-            return []
+        """Run one step; return an output for every request that produced a token or finished.
+
+        With ``async_scheduling``, a decode step whose successor is already known (the same
+        sequences, one token further) sends that successor to the device before reading its own
+        tokens: the next step's input tokens are fed on device, and the host's work (stop checks,
+        text, outputs) overlaps the device's. That step is then still in flight when ``step``
+        returns, and the next call completes it."""
+        flight, self._in_flight = self._in_flight, None
+        if flight is None:
+            sched = self.scheduler.schedule()
+            self.stats.preemptions += len(sched.preempted)
+            if sched.empty:
+                return []
+            flight = self._dispatch(sched)
+        if self.config.async_scheduling:
+            self._in_flight = self._dispatch_ahead(flight)
+        outputs = self._complete(flight)
+        self._forget_finished_flight()
+        return outputs
+
+    def _forget_finished_flight(self) -> None:
+        """Drop the step in flight if all its sequences have finished: nobody will read it."""
+        if self._in_flight is not None and all(seq.finished for seq, *_ in self._in_flight.rows):
+            self._in_flight = None
+
+    def _dispatch(self, sched: SchedulerOutput) -> _InFlight:
         self.stats.steps += 1
-        results: list[tuple[Sequence, int, SampleOutput, int]] = []
+        rows: list[tuple[Sequence, int, PendingStep, int]] = []
+        decode = None
         if sched.decode:
-            rows = [self._row(seq, 1) for seq in sched.decode]
-            out = self.runner.execute(rows, self.buckets.decode_shape(len(rows)))
-            results += [(seq, 1, out, i) for i, seq in enumerate(sched.decode)]
-            self.stats.decode_tokens += len(rows)
+            shape = self.buckets.decode_shape(len(sched.decode))
+            decode = self.runner.dispatch([self._row(seq, 1) for seq in sched.decode], shape)
+            rows += [(seq, 1, decode, i) for i, seq in enumerate(sched.decode)]
+            self.stats.decode_tokens += len(sched.decode)
         prefilled = {}
         for group in self.buckets.prefill_groups([n for _, n in sched.prefill]):
             chunks = [sched.prefill[i] for i in group]
             shape = self.buckets.prefill_shape(max(n for _, n in chunks), len(chunks))
-            out = self.runner.execute([self._row(seq, n) for seq, n in chunks], shape)
-            prefilled.update({i: (seq, n, out, row) for row, (i, (seq, n)) in enumerate(zip(group, chunks))})
+            step = self.runner.dispatch([self._row(seq, n) for seq, n in chunks], shape)
+            prefilled.update({i: (seq, n, step, row) for row, (i, (seq, n)) in enumerate(zip(group, chunks))})
             self.stats.prefill_tokens += sum(n for _, n in chunks)
-        results += [prefilled[i] for i in sorted(prefilled)]  # the scheduler's order
+        rows += [prefilled[i] for i in sorted(prefilled)]  # the scheduler's order
+        return _InFlight(rows, list(sched.decode) if decode and not sched.prefill else None, decode)
 
+    def _dispatch_ahead(self, flight: _InFlight) -> _InFlight | None:
+        """The decode step after ``flight``, dispatched before ``flight``'s tokens are read, or None
+        when the next step is not a plain continuation: ``flight`` prefilled, some running sequence
+        was not in it, a waiting sequence could be admitted, a row needs its token history
+        (penalties), or pages would have to be preempted. Rows whose sequence ends with ``flight``'s
+        token (its length limit) stay in the batch as padding, so that every row keeps its place."""
+        slots = flight.decode_slots
+        if slots is None:
+            return None
+        live = [s for s in slots if s is not None and not s.finished]
+        if len(live) != len(self.scheduler.running) or any(s.params.penalized for s in live):
+            return None
+        going = {s for s in live if len(s.output_token_ids) + 1 < s.max_tokens and s.num_tokens + 1 < self.session_len}
+        room = len(going) < len(live) or len(live) < self.config.max_batch_size
+        if not going or self.scheduler.waiting and room:
+            return None
+        if not self.scheduler.reserve_all([(s, s.num_tokens + 1) for s in going]):
+            return None
+        ahead = [s if s in going else None for s in slots]
+        rows = [self._row(s, 1, ahead=True) if s else None for s in ahead]
+        step = self.runner.dispatch(rows, self.buckets.decode_shape(len(slots)), feed=flight.decode_step)
+        self.stats.steps += 1
+        self.stats.decode_tokens += len(going)
+        return _InFlight([(s, 1, step, i) for i, s in enumerate(ahead) if s], ahead, step)
+
+    def _complete(self, flight: _InFlight) -> list[RequestOutput]:
+        """Read ``flight``'s tokens and apply them; sequences that finished or were aborted since it
+        was dispatched are skipped (their rows computed a token nobody reads)."""
         advanced: dict[str, Request] = {}
-        for seq, n, out, i in results:
+        for seq, n, step, i in flight.rows:
+            if seq.finished:
+                continue
             seq.num_computed += n
             self.block_manager.register_full_pages(seq.token_ids, seq.pages, seq.block_hashes, seq.num_computed)
             if seq.num_computed == seq.num_tokens:  # the last known token ran: the sample is new
-                self._append(seq, out, i)
+                self._append(seq, step.result(), i)
                 advanced[seq.request_id] = seq.request
         outputs = [self._output(r) for r in advanced.values()]
         for r in advanced.values():

@@ -44,6 +44,8 @@ class EngineConfig:
     quant_policy: int = _opt(0, "KV cache quantization: 0 (off), 8 (int8) or 4 (int4), per token per head")
     kv_cache_dtype: str = _opt("auto", "dtype of the KV cache when not quantized: auto (the weights'), "
                                        "float32 or bfloat16")
+    async_scheduling: bool = _opt(True, "send a decode step to the device before reading the tokens of the one "
+                                        "before, so that host work overlaps device work")
 
     def __post_init__(self):
         object.__setattr__(self, "cache_max_entry_count", parse_cache_max_entry_count(self.cache_max_entry_count))

@@ -9,6 +9,7 @@ is traced and compiled by ``jax.jit`` when first run.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import os
 from concurrent.futures import ThreadPoolExecutor
@@ -16,6 +17,7 @@ from typing import Any, Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from tqdm.auto import tqdm
 
 from jaxinfer.buckets import Buckets, StepArrays, StepRow
@@ -27,6 +29,27 @@ from jaxinfer.huge_pages import to_huge_pages
 from jaxinfer.model import CPU_MATMULS, LlamaModel, fuse_qkv_params, pack_cpu_weights, rope_table
 from jaxinfer.sampler import SampleOutput, SamplingTensors, sample
 from pallas_kernels import cpu_native, dispatch
+
+
+def _feed_tokens(previous, tokens, fed):
+    """Decode-step input tokens ``[batch, 1]``: the previous step's sampled tokens ``[batch]`` on
+    the rows where ``fed`` is set, the host's ``tokens`` elsewhere (padding)."""
+    return jnp.where(fed[:, None], previous[:, None], tokens)
+
+
+class PendingStep:
+    """A dispatched step: its outputs stay on device until ``result`` first reads them."""
+
+    def __init__(self, out: SampleOutput, num_rows: int):
+        self.device_out = out
+        self._num_rows = num_rows
+        self._host: SampleOutput | None = None
+
+    def result(self) -> SampleOutput:
+        """Host arrays with one entry per row; waits for the step to finish."""
+        if self._host is None:
+            self._host = jax.tree.map(lambda x: x[: self._num_rows], jax.device_get(self.device_out))
+        return self._host
 
 
 def _model_step(model: LlamaModel, params, cache: KVCache, rope_table, tokens, meta: AttentionMetadata, logits_indices,
@@ -78,11 +101,24 @@ class ModelRunner:
         self._exported_steps = exported_steps
         self._warm_steps: dict[tuple[int, int], jax.stages.Compiled] = {}  # bucket shape -> compiled by warm-up
         self._no_history: dict[int, jax.Array] = {}  # per batch size: the all-padding history
+        self._feed = jax.jit(_feed_tokens)
+        self._warm_feeds: dict[int, jax.stages.Compiled] = {}  # decode batch size -> compiled by warm-up
 
     def execute(self, rows: Sequence[StepRow], shape: tuple[int, int]) -> SampleOutput:
         """Run ``rows`` padded to ``shape``; returns host arrays with one entry per row."""
-        out = self._run(shape, self.buckets.pad(rows, shape))
-        return jax.tree.map(lambda x: x[: len(rows)], jax.device_get(out))
+        return self.dispatch(rows, shape).result()
+
+    def dispatch(self, rows: Sequence[StepRow | None], shape: tuple[int, int],
+                 feed: PendingStep | None = None) -> PendingStep:
+        """Start a step of ``rows`` (None: a padding row) padded to ``shape``, without waiting for
+        it. ``feed``: a decode step of the same shape still in flight; the rows that are not None
+        take their input token from its sampled tokens, on device, instead of from ``token_ids``."""
+        a = self.buckets.pad(rows, shape)
+        if feed is not None:
+            fed = np.array([r is not None for r in rows] + [False] * (shape[0] - len(rows)))
+            feed_tokens = self._warm_feeds.get(shape[0], self._feed)
+            a = dataclasses.replace(a, tokens=feed_tokens(feed.device_out.tokens, a.tokens, fed))
+        return PendingStep(self._run(shape, a), len(rows))
 
     def _run(self, shape: tuple[int, int], a: StepArrays) -> SampleOutput:
         out, self.cache = self._warm_steps.get(shape, self._step)(self.params, self.cache, self.rope_table,
@@ -116,6 +152,11 @@ class ModelRunner:
                 compiling[shape].add_done_callback(lambda _: bar.update())
             for shape, compiled in compiling.items():
                 self._warm_steps[shape] = compiled.result()
+        device = jax.devices()[0]
+        for batch in self.buckets.decode_batch_sizes:
+            previous = jax.device_put(np.zeros(batch, np.int32), device)  # as a step's output: committed
+            self._warm_feeds[batch] = self._feed.lower(
+                previous, np.zeros((batch, 1), np.int32), np.zeros(batch, bool)).compile()
 
     def _lower(self, shape: tuple[int, int]) -> jax.stages.Lowered:
         args = (self.params, self.cache, self.rope_table, *self._device_inputs(self.buckets.pad([], shape)))

@@ -54,12 +54,18 @@ class Scheduler:
 
     def _reserve(self, seq: Sequence, num_tokens: int) -> bool:
         """Give ``seq`` enough pages for ``num_tokens`` tokens, if there are enough free pages."""
-        need = -(-num_tokens // self.block_manager.page_size) - len(seq.pages)
-        if need <= 0:
-            return True
-        if need > self.block_manager.num_free_pages:
+        return self.reserve_all([(seq, num_tokens)])
+
+    def reserve_all(self, demands: list[tuple[Sequence, int]]) -> bool:
+        """Give each ``(sequence, num_tokens)`` pages for that many tokens, or, when the free pages
+        do not cover them all, give none and return False."""
+        page_size = self.block_manager.page_size
+        needs = [max(0, -(-n // page_size) - len(seq.pages)) for seq, n in demands]
+        if sum(needs) > self.block_manager.num_free_pages:
             return False
-        seq.pages += self.block_manager.allocate(need)
+        for (seq, _), need in zip(demands, needs):
+            if need:
+                seq.pages += self.block_manager.allocate(need)
         return True
 
     def _preempt(self, seq: Sequence) -> None:

@@ -87,8 +87,9 @@ def test_prompt_chunks_share_prefill_calls(llm, monkeypatch):
     with pytest.raises(ValueError, match="exceed"):
         buckets.prefill_shape(32, 2)
     shapes = []
-    execute = llm.engine.runner.execute
-    monkeypatch.setattr(llm.engine.runner, "execute", lambda rows, shape: shapes.append(shape) or execute(rows, shape))
+    dispatch = llm.engine.runner.dispatch
+    monkeypatch.setattr(llm.engine.runner, "dispatch",
+                        lambda rows, shape, feed=None: shapes.append(shape) or dispatch(rows, shape, feed))
     ps = [[5, 6, 7], list(range(10, 22))]
     together = texts(llm.generate(ps, GREEDY))
     assert shapes[0] == (2, 16)  # both prompts in one call

@@ -173,17 +173,17 @@ def recorded_steps(llm: LLM):
     """Record every model call of the engine: ([(start, num_tokens) per row], padded shape)."""
     runner = llm.engine.runner
     steps: list[tuple[list[tuple[int, int]], tuple[int, int]]] = []
-    execute = runner.execute
+    dispatch = runner.dispatch
 
-    def recording(rows, shape):
-        steps.append(([(r.start, len(r.token_ids)) for r in rows], shape))
-        return execute(rows, shape)
+    def recording(rows, shape, feed=None):
+        steps.append(([(r.start, len(r.token_ids)) for r in rows if r is not None], shape))
+        return dispatch(rows, shape, feed)
 
-    runner.execute = recording
+    runner.dispatch = recording
     try:
         yield steps
     finally:
-        del runner.execute
+        del runner.dispatch
 
 
 def test_greedy_each_prompt_alone(case, llm, prompts):
