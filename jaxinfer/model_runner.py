@@ -138,25 +138,27 @@ class ModelRunner:
         return a.tokens, meta, a.logits_indices, SamplingTensors(history=history, **a.sampling)
 
     def warmup(self, progress: bool = True) -> None:
-        """Compile every bucket shape ahead of time, running none. This thread lowers each step
-        (traces it, or loads the program an earlier start saved) while a pool compiles those
-        lowered before: XLA compiles without the GIL, so compiles overlap each other and the
+        """Compile every bucket shape (and each decode bucket's token feed) ahead of time, running
+        none. This thread lowers each step (traces it, or loads the program an earlier start saved)
+        while a pool compiles those lowered before: XLA compiles without the GIL, so compiles overlap each other and the
         tracing. A compiled step refuses arguments of other shapes or types instead of compiling
         again."""
         shapes = self.buckets.all_shapes()
+        device = jax.devices()[0]
         with (ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool,
               tqdm(total=len(shapes), desc="compiling shape buckets", unit="shape", disable=not progress) as bar):
             compiling = {}
             for shape in shapes:
                 compiling[shape] = pool.submit(self._lower(shape).compile)
                 compiling[shape].add_done_callback(lambda _: bar.update())
+            feeds = {}
+            for batch in self.buckets.decode_batch_sizes:
+                previous = jax.device_put(np.zeros(batch, np.int32), device)  # as a step's output: committed
+                lowered = self._feed.lower(previous, np.zeros((batch, 1), np.int32), np.zeros(batch, bool))
+                feeds[batch] = pool.submit(lowered.compile)
             for shape, compiled in compiling.items():
                 self._warm_steps[shape] = compiled.result()
-        device = jax.devices()[0]
-        for batch in self.buckets.decode_batch_sizes:
-            previous = jax.device_put(np.zeros(batch, np.int32), device)  # as a step's output: committed
-            self._warm_feeds[batch] = self._feed.lower(
-                previous, np.zeros((batch, 1), np.int32), np.zeros(batch, bool)).compile()
+            self._warm_feeds = {batch: compiled.result() for batch, compiled in feeds.items()}
 
     def _lower(self, shape: tuple[int, int]) -> jax.stages.Lowered:
         args = (self.params, self.cache, self.rope_table, *self._device_inputs(self.buckets.pad([], shape)))
