@@ -244,7 +244,8 @@ class LLMEngine:
         live = [s for s in slots if s is not None and not s.finished]
         if len(live) != len(self.scheduler.running) or any(s.params.penalized for s in live):
             return None
-        going = {s for s in live if len(s.output_token_ids) + 1 < s.max_tokens and s.num_tokens + 1 < self.session_len}
+        going = {s for s in live  # those that go on after flight's token
+                 if len(s.output_token_ids) + 1 < s.max_tokens and s.num_tokens + 1 < self.session_len}
         room = len(going) < len(live) or len(live) < self.config.max_batch_size
         if not going or self.scheduler.waiting and room:
             return None

@@ -140,9 +140,9 @@ class ModelRunner:
     def warmup(self, progress: bool = True) -> None:
         """Compile every bucket shape (and each decode bucket's token feed) ahead of time, running
         none. This thread lowers each step (traces it, or loads the program an earlier start saved)
-        while a pool compiles those lowered before: XLA compiles without the GIL, so compiles overlap each other and the
-        tracing. A compiled step refuses arguments of other shapes or types instead of compiling
-        again."""
+        while a pool compiles those lowered before: XLA compiles without the GIL, so compiles
+        overlap each other and the tracing. A compiled step refuses arguments of other shapes or
+        types instead of compiling again."""
         shapes = self.buckets.all_shapes()
         device = jax.devices()[0]
         with (ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool,
