@@ -52,9 +52,13 @@ class PendingStep:
         return self._host
 
 
-def _model_step(model: LlamaModel, params, cache: KVCache, rope_table, tokens, meta: AttentionMetadata, logits_indices,
-                sampling):
-    """tokens ``[batch, q_len]`` -> sampled next tokens (and logprobs) of each row, updated cache."""
+def _model_step(model: LlamaModel, param_def, param_leaves, cache: KVCache, rope_table, tokens, meta: AttentionMetadata,
+                logits_indices, sampling):
+    """tokens ``[batch, q_len]`` -> sampled next tokens (and logprobs) of each row, updated cache.
+    The params come as the leaves of the tree ``param_def`` describes: a call flattens a tuple
+    faster than nested dicts (SmolLM2 on the Zen 4, exploratory: 0.27-0.31 ms less host CPU per
+    batch-1 step, ~13%; the steps themselves 1.00-1.03x, within noise)."""
+    params = jax.tree.unflatten(param_def, param_leaves)
     hidden, cache = model.apply({"params": params}, tokens, meta, cache, rope_table)
     last = jnp.take_along_axis(hidden, logits_indices[:, None, None], axis=1)[:, 0]  # [batch, embed]
     logits = model.apply({"params": params}, last, method=LlamaModel.logits)
@@ -75,7 +79,7 @@ class ModelRunner:
         On CPU the weights are then copied into huge pages (``jaxinfer.huge_pages``): the runner holds
         its own copy, and a caller that keeps ``params`` alive keeps a second one."""
         self.config = config
-        self.params = fuse_qkv_params(params, config) if fused_qkv else params
+        params = fuse_qkv_params(params, config) if fused_qkv else params
         self.buckets = buckets
         act = activation_dtype(dtype)
         self.kernels = (cpu_native.enable(os.path.join(jaxinfer_home(), "native")) if dispatch.cpu_kernels()
@@ -85,8 +89,9 @@ class ModelRunner:
              if jnp.dtype(dtype) == w_dtype and jnp.dtype(act) == jnp.float32 and getattr(self.kernels, name)),
             None)
         if self.matmul_kernel is not None:
-            self.params = pack_cpu_weights(self.params, config, self.matmul_kernel)
-        self.params = to_huge_pages(self.params, jax.devices()[0])
+            params = pack_cpu_weights(params, config, self.matmul_kernel)
+        leaves, self._param_def = jax.tree.flatten(to_huge_pages(params, jax.devices()[0]))
+        self._param_leaves = tuple(leaves)
         self.model = LlamaModel(config, act, fused_qkv)
         kv_dtype = jnp.dtype(kv_dtype or kv_cache_dtype(dtype))
         # Committed to its device, as every step's output cache is: the first step then runs the
@@ -94,15 +99,21 @@ class ModelRunner:
         self.cache = jax.device_put(KVCache.allocate(config, num_pages, buckets.page_size, kv_dtype, quant_policy),
                                     jax.devices()[0])
         self.rope_table = jax.device_put(rope_table(config, buckets.history_len), jax.devices()[0])
-        self._step = jax.jit(functools.partial(_model_step, self.model), donate_argnums=(1,))
+        self._step_fn = functools.partial(_model_step, self.model, self._param_def)
+        self._step = jax.jit(self._step_fn, donate_argnums=(1,))
         self._program = (f"model step: {config!r}, {jnp.dtype(dtype)} weights, {jnp.dtype(act)} activations, "
                          f"{kv_dtype} KV cache, fused_qkv={fused_qkv}, quant_policy={quant_policy}, "
-                         f"matmul_kernel={self.matmul_kernel}, {self.kernels}")
+                         f"matmul_kernel={self.matmul_kernel}, {self.kernels}, params {self._param_def}")
         self._exported_steps = exported_steps
         self._warm_steps: dict[tuple[int, int], jax.stages.Compiled] = {}  # bucket shape -> compiled by warm-up
         self._no_history: dict[int, jax.Array] = {}  # per batch size: the all-padding history
         self._feed = jax.jit(_feed_tokens)
         self._warm_feeds: dict[int, jax.stages.Compiled] = {}  # decode batch size -> compiled by warm-up
+
+    @property
+    def params(self) -> Any:
+        """The params the step runs on (fused, packed, in huge pages), as a tree."""
+        return jax.tree.unflatten(self._param_def, self._param_leaves)
 
     def execute(self, rows: Sequence[StepRow], shape: tuple[int, int]) -> SampleOutput:
         """Run ``rows`` padded to ``shape``; returns host arrays with one entry per row."""
@@ -121,7 +132,7 @@ class ModelRunner:
         return PendingStep(self._run(shape, a), len(rows))
 
     def _run(self, shape: tuple[int, int], a: StepArrays) -> SampleOutput:
-        out, self.cache = self._warm_steps.get(shape, self._step)(self.params, self.cache, self.rope_table,
+        out, self.cache = self._warm_steps.get(shape, self._step)(self._param_leaves, self.cache, self.rope_table,
                                                                   *self._device_inputs(a))
         return out
 
@@ -161,8 +172,7 @@ class ModelRunner:
             self._warm_feeds = {batch: compiled.result() for batch, compiled in feeds.items()}
 
     def _lower(self, shape: tuple[int, int]) -> jax.stages.Lowered:
-        args = (self.params, self.cache, self.rope_table, *self._device_inputs(self.buckets.pad([], shape)))
+        args = (self._param_leaves, self.cache, self.rope_table, *self._device_inputs(self.buckets.pad([], shape)))
         if self._exported_steps is not None and can_export():
-            return lower_saved(functools.partial(_model_step, self.model), args, self._program, (1,),
-                               self._exported_steps)
+            return lower_saved(self._step_fn, args, self._program, (1,), self._exported_steps)
         return self._step.lower(*args)

@@ -64,7 +64,7 @@ def test_warmup_compiles_every_bucket_without_running_it(tiny):
     decode = engine.buckets.decode_shape(1)
     wrong = jax.tree.map(np.asarray, runner._device_inputs(engine.buckets.pad([], engine.buckets.decode_shape(2))))
     with pytest.raises(TypeError):  # a compiled step refuses other shapes rather than compiling them
-        runner._warm_steps[decode](runner.params, runner.cache, runner.rope_table, *wrong)
+        runner._warm_steps[decode](runner._param_leaves, runner.cache, runner.rope_table, *wrong)
 
 
 def test_cache_buffers_are_donated(llm):
