@@ -16,10 +16,8 @@ of the engine as shipped, side by side with what-if variants of it (``--variants
   as the engine already does for q/k/v. Its tokens must equal the engine's.
 - ``4 KiB pages``: the weights left in XLA's own buffers instead of the engine's huge-page mapping
   (``jaxinfer.huge_pages``). Its tokens must equal the engine's.
-- ``sync scheduling``: ``async_scheduling`` off, so each step's tokens are read (and stop checks,
-  text and outputs done) before the next step is sent. Its tokens must equal the engine's.
 
-The variants other than ``sync scheduling`` are built by swapping ``jaxinfer.model``'s attention function or MLP module while
+The variants are built by swapping ``jaxinfer.model``'s attention function or MLP module while
 their runner traces its shape buckets (``warmup``) (``jaxinfer.model_runner``'s ``to_huge_pages`` for
 the pages), so they run the engine's own scheduler,
 buckets and sampler. Engines alternate within each repeat; per batch size: median step time over
@@ -123,7 +121,7 @@ def huge_page_state() -> str:
 # Variant -> how its column compares: "share" (what taking it out saves), "slower" (variant / engine),
 # "faster" (engine / variant).
 VARIANTS = {"no attention": "share", "XLA attention": "slower", "XLA matmuls": "slower", "gate/up fused": "faster",
-            "4 KiB pages": "slower", "sync scheduling": "slower"}
+            "4 KiB pages": "slower"}
 
 
 def main() -> None:
@@ -167,9 +165,6 @@ def main() -> None:
     }
     engines = {"engine": build_engine(loaded, progress=False, **options)}
     for name in chosen:
-        if name == "sync scheduling":  # the engine's own runner, another engine option
-            engines[name] = build_engine(loaded, progress=False, async_scheduling=False, **options)
-            continue
         params, swap = swaps[name][0](), swaps[name][1]
         engine = build_engine(loaded, warmup=False, progress=False, **options)
         r = engine.runner  # same buckets and pages, the variant's model
