@@ -26,7 +26,7 @@ import tempfile
 import statistics
 
 from decode import prompt_ids
-from decode_layout import decode_steps
+from decode_layout import alternate
 from report import cpu_times, load_average, publish, stolen_since
 
 SMALL_LLAMA = dict(hidden_size=256, intermediate_size=768, num_hidden_layers=4, num_attention_heads=4,
@@ -42,15 +42,16 @@ def small_llama(out_dir: str) -> None:
 
 
 def paired_rounds(engines: dict, prompt: list[int], batch: int, tokens: int, rounds: int):
-    """Per round, each engine's median pure decode step (seconds), the engines in turns first;
-    and whether every finished request's tokens were equal between them."""
+    """Per round, each engine's median pure decode step (ms), the engines in turns first; and
+    whether every finished request's tokens were equal between them."""
     steps = {name: [] for name in engines}
     finished = {name: [] for name in engines}
     for r in range(rounds):
-        for name in (list(engines) if r % 2 == 0 else list(engines)[::-1]):
-            s, t = decode_steps(engines[name], prompt, batch, tokens)
-            steps[name].append(statistics.median(s))
-            finished[name] += t
+        order = list(engines) if r % 2 == 0 else list(engines)[::-1]
+        med, done = alternate({name: engines[name] for name in order}, prompt, batch, tokens, 1)
+        for name in engines:
+            steps[name].append(med[name])
+            finished[name] += done[name]
     first, second = engines
     return steps, sorted(finished[first]) == sorted(finished[second])
 
@@ -91,8 +92,8 @@ def main() -> None:
                 steps, equal = paired_rounds(engines, prompt, batch, args.decode_tokens, args.rounds)
                 ratios = [s / a for s, a in zip(steps["sync"], steps["async"])]
                 q1, _, q3 = statistics.quantiles(ratios, n=4)
-                rows.append(f"| {name} | {batch} | {statistics.median(steps['sync']) * 1e3:.2f} | "
-                            f"{statistics.median(steps['async']) * 1e3:.2f} | {statistics.median(ratios):.2f}x | "
+                rows.append(f"| {name} | {batch} | {statistics.median(steps['sync']):.2f} | "
+                            f"{statistics.median(steps['async']):.2f} | {statistics.median(ratios):.2f}x | "
                             f"{q1:.2f}-{q3:.2f}x | {'yes' if equal else '**no**'} |")
                 print(rows[-1], flush=True)
             del engines, loaded
