@@ -44,20 +44,19 @@ class _InFlight:
     Attributes:
       rows: ``(sequence, tokens it computes, the call computing them, row in that call)``, in the
         scheduler's order.
-      decode_slots: when the step only decoded: its sequences by batch row (None: padding).
-      decode_step: the decode call, if any.
+      decode_only: when the step only decoded: its sequences by batch row (None: padding) and the
+        call computing them, which a step sent ahead takes its input tokens from.
     """
 
     rows: list[tuple[Sequence, int, PendingStep, int]]
-    decode_slots: list[Sequence | None] | None
-    decode_step: PendingStep | None
+    decode_only: tuple[list[Sequence | None], PendingStep] | None
 
 
 @dataclass
 class EngineStats:
     steps: int = 0
     prefill_tokens: int = 0  # prompt (and recomputed) tokens run through the model
-    decode_tokens: int = 0
+    decode_tokens: int = 0  # decode rows run, with those sent ahead for a sequence that then stopped
     preemptions: int = 0
 
 
@@ -230,7 +229,7 @@ class LLMEngine:
             prefilled.update({i: (seq, n, step, row) for row, (i, (seq, n)) in enumerate(zip(group, chunks))})
             self.stats.prefill_tokens += sum(n for _, n in chunks)
         rows += [prefilled[i] for i in sorted(prefilled)]  # the scheduler's order
-        return _InFlight(rows, list(sched.decode) if decode and not sched.prefill else None, decode)
+        return _InFlight(rows, (list(sched.decode), decode) if decode and not sched.prefill else None)
 
     def _dispatch_ahead(self, flight: _InFlight) -> _InFlight | None:
         """The decode step after ``flight``, dispatched before ``flight``'s tokens are read, or None
@@ -238,9 +237,9 @@ class LLMEngine:
         was not in it, a waiting sequence could be admitted, a row needs its token history
         (penalties), or pages would have to be preempted. Rows whose sequence ends with ``flight``'s
         token (its length limit) stay in the batch as padding, so that every row keeps its place."""
-        slots = flight.decode_slots
-        if slots is None:
+        if flight.decode_only is None:
             return None
+        slots, previous = flight.decode_only
         live = [s for s in slots if s is not None and not s.finished]
         if len(live) != len(self.scheduler.running) or any(s.params.penalized for s in live):
             return None
@@ -253,10 +252,10 @@ class LLMEngine:
             return None
         ahead = [s if s in going else None for s in slots]
         rows = [self._row(s, 1, ahead=True) if s else None for s in ahead]
-        step = self.runner.dispatch(rows, self.buckets.decode_shape(len(slots)), feed=flight.decode_step)
+        step = self.runner.dispatch(rows, self.buckets.decode_shape(len(slots)), feed=previous)
         self.stats.steps += 1
         self.stats.decode_tokens += len(going)
-        return _InFlight([(s, 1, step, i) for i, s in enumerate(ahead) if s], ahead, step)
+        return _InFlight([(s, 1, step, i) for i, s in enumerate(ahead) if s], (ahead, step))
 
     def _complete(self, flight: _InFlight) -> list[RequestOutput]:
         """Read ``flight``'s tokens and apply them; sequences that finished or were aborted since it
