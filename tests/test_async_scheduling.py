@@ -90,8 +90,9 @@ def test_abort_and_join_while_a_step_is_in_flight(tiny, monkeypatch):
     engine.add_request("a", ps[0], params)
     engine.add_request("b", ps[1], params)
     tokens: dict[str, list[int]] = {}
-    while fed[0] < 3:
+    while fed[0] < 3 and engine.has_unfinished_requests():
         tokens.update({o.request_id: o.outputs[0].token_ids for o in engine.step()})
+    assert fed[0] == 3 and engine.has_unfinished_requests()
     used = engine.block_manager.num_used_pages
     assert engine.abort_request("a").outputs[0].finish_reason == "abort"
     assert engine.block_manager.num_used_pages < used  # freed now, though a step writing to them is in flight
