@@ -29,6 +29,7 @@ import numpy as np
 
 from jaxinfer.config import ModelConfig, WeightQuant
 from jaxinfer.kv_cache import AttentionMetadata, KVCache, write_kv
+from jaxinfer.reductions import sum_last_axis
 from pallas_kernels.bf16_matmul import bf16_matmul, narrow_weight_dot
 from pallas_kernels.bf16_matmul import pack as bf16_pack
 from pallas_kernels.f32_matmul import f32_matmul
@@ -104,21 +105,6 @@ def _packed_matmul(module: nn.Module, leaf: str):
         if module.has_variable("params", f"{prefix}_{leaf}"):
             return matmul, module.get_variable("params", f"{prefix}_{leaf}")
     return None
-
-
-def sum_last_axis(v: jax.Array) -> jax.Array:
-    """``v [..., n]`` -> ``[..., 1]``: halves added pairwise (zero padded to a power of two), so
-    every row's sum takes the same additions in the same order whatever the shape around it.
-    XLA:CPU's own row reductions (``jnp.mean``) change a row's rounding with the number of rows
-    (from 8 rows up, and in prefill chunks); bfloat16 KV pages turned that last-bit difference
-    into different greedy tokens for a request alone and in a batch."""
-    n = v.shape[-1]
-    width = 1 << (n - 1).bit_length()
-    v = jnp.pad(v, [(0, 0)] * (v.ndim - 1) + [(0, width - n)])
-    while width > 1:
-        width //= 2
-        v = v[..., :width] + v[..., width:]
-    return v
 
 
 class RMSNorm(nn.Module):
