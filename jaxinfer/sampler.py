@@ -5,8 +5,8 @@ one compiled step serves any mix of requests. Optional stages (penalties, min-to
 filtering, logprobs) run under ``lax.cond`` only when some row of the batch asks for them.
 
 Nothing here sorts the vocabulary: on XLA:CPU a full sort of 49k logits costs ~23 ms per row.
-Top-k, top-p and min-p become one logit threshold per row (top-k and top-p found by bisection),
-and the draw is an inverse-CDF lookup with a single uniform number per row, in two levels (chunk,
+Top-k, top-p and min-p become one logit threshold per row: top-k and top-p read off the row's 64
+largest values when those settle them, else found by bisection over the whole row; and the draw is an inverse-CDF lookup with a single uniform number per row, in two levels (chunk,
 then token) so that no cumulative sum runs over the whole vocabulary.
 
 Order, as in vLLM: penalties on the raw logits, min-token bans, temperature, filtering, draw.
@@ -34,6 +34,8 @@ from jaxinfer.sampling_params import MAX_LOGPROBS
 THRESHOLD_BISECTION_STEPS = 28
 # Vocabulary chunk of the two-level inverse CDF.
 CDF_CHUNK = 128
+# Largest values per row from which top-k and most top-p thresholds are read without bisecting.
+TOP_CANDIDATES = 64
 
 
 @jax.tree_util.register_dataclass
@@ -130,13 +132,10 @@ def _ban_stop_ids(x: jax.Array, t: SamplingTensors) -> jax.Array:
     return x.at[jnp.arange(x.shape[0])[:, None], banned].set(-jnp.inf, mode="drop")
 
 
-def _filter_threshold(x: jax.Array, t: SamplingTensors) -> jax.Array:
-    """Per-row logit threshold: keep ``x >= threshold`` to apply top-k, top-p and min-p."""
+def _bisected_thresholds(x: jax.Array, t: SamplingTensors, x_max: jax.Array, p: jax.Array, need_mass: jax.Array):
+    """Top-k and top-p thresholds ``[batch]`` by bisection over the whole vocabulary (28 passes)."""
     vocab = x.shape[-1]
-    x_max = x.max(axis=-1)
     x_min = jnp.min(jnp.where(jnp.isfinite(x), x, x_max[:, None]), axis=-1)
-    p = jnp.exp(x - x_max[:, None])
-    need_mass = t.top_p * row_sums(p, CDF_CHUNK)
     k = jnp.where(t.top_k > 0, jnp.minimum(t.top_k, vocab), vocab)
 
     def holds(t_k, t_p):
@@ -157,8 +156,58 @@ def _filter_threshold(x: jax.Array, t: SamplingTensors) -> jax.Array:
         0, THRESHOLD_BISECTION_STEPS, step, (x_min, x_max, x_min, x_max)
     )
     ok_k, ok_p = holds(hi_k, hi_p)  # the bisection keeps `lo` valid; `hi` may be valid too
+    return jnp.where(ok_k, hi_k, lo_k), jnp.where(ok_p, hi_p, lo_p)
+
+
+def _top_values(x: jax.Array) -> jax.Array:
+    """Each row's ``TOP_CANDIDATES`` largest values, descending, ``[batch, n]`` (fewer for a small
+    vocabulary). They all lie in the chunks with the largest maxima, so ``lax.top_k`` runs on
+    those chunks only (1.7-1.8x faster than on the whole row at 8-32 x 49152, exploratory)."""
+    batch, vocab = x.shape
+    n = min(TOP_CANDIDATES, vocab)
+    chunks = jnp.pad(x, ((0, 0), (0, -vocab % CDF_CHUNK)), constant_values=-jnp.inf).reshape(batch, -1, CDF_CHUNK)
+    _, best = jax.lax.top_k(chunks.max(axis=-1), min(n, chunks.shape[1]))
+    candidates = jnp.take_along_axis(chunks, best[:, :, None], axis=1).reshape(batch, -1)
+    return jax.lax.top_k(candidates, n)[0]
+
+
+def _prefix_sums(v: jax.Array) -> jax.Array:
+    """Inclusive prefix sums along the last axis by doubling shifts: elementwise additions only,
+    so each row rounds the same in any batch (see ``jaxinfer.reductions``)."""
+    shift = 1
+    while shift < v.shape[-1]:
+        v = v + jnp.pad(v[:, :-shift], ((0, 0), (shift, 0)))
+        shift *= 2
+    return v
+
+
+def _filter_threshold(x: jax.Array, t: SamplingTensors) -> jax.Array:
+    """Per-row logit threshold: keep ``x >= threshold`` to apply top-k, top-p and min-p.
+
+    Read off each row's ``TOP_CANDIDATES`` largest values when they settle it: top-k with
+    ``k <= TOP_CANDIDATES`` (the chat default is 40), and top-p whose nucleus lies within them
+    (or does not matter because top-k keeps fewer). Otherwise (a larger k, or a wide nucleus
+    without top-k) the batch bisects over the whole vocabulary, ~10x the cost at batch 32."""
+    x_max = x.max(axis=-1)
+    p = jnp.exp(x - x_max[:, None])
+    need_mass = t.top_p * row_sums(p, CDF_CHUNK)
+    top = _top_values(x)  # [batch, n]
+    n = top.shape[-1]
+    cum = _prefix_sums(jnp.exp(top - x_max[:, None]))
+    k_known = (t.top_k > 0) & (t.top_k <= n)
+    t_k = jnp.where(k_known, jnp.take_along_axis(top, jnp.clip(t.top_k - 1, 0, n - 1)[:, None], axis=1)[:, 0], -jnp.inf)
+    p_known = cum[:, -1] >= need_mass
+    first = jnp.minimum(jnp.sum(cum < need_mass[:, None], axis=-1), n - 1)  # first index reaching the mass
+    t_p = jnp.where((t.top_p < 1) & p_known, jnp.take_along_axis(top, first[:, None], axis=1)[:, 0], -jnp.inf)
+    filtered = (t.temperature > 0) & ((t.top_k > 0) | (t.top_p < 1))
+    bisect = filtered & ((t.top_k > n) | (t.top_p < 1) & ~p_known & ~k_known)
+    t_k, t_p = jax.lax.cond(
+        jnp.any(bisect),
+        lambda: tuple(jnp.where(bisect, b, f) for b, f in zip(_bisected_thresholds(x, t, x_max, p, need_mass), (t_k, t_p))),
+        lambda: (t_k, t_p),
+    )
     t_min_p = jnp.where(t.min_p > 0, x_max + jnp.log(jnp.maximum(t.min_p, 1e-30)), -jnp.inf)
-    return jnp.maximum(jnp.maximum(jnp.where(ok_k, hi_k, lo_k), jnp.where(ok_p, hi_p, lo_p)), t_min_p)
+    return jnp.maximum(jnp.maximum(t_k, t_p), t_min_p)
 
 
 def _inverse_cdf(x: jax.Array, u: jax.Array) -> jax.Array:

@@ -178,3 +178,26 @@ def test_logprobs_are_the_raw_log_softmax():
     np.testing.assert_allclose(out.logprobs[0], logp[tok], rtol=1e-5)  # ...not the reported logprob
     np.testing.assert_array_equal(np.asarray(out.top_ids[0, :5]), np.argsort(-logp)[:5])
     np.testing.assert_allclose(np.asarray(out.top_logprobs[0, :5]), np.sort(logp)[::-1][:5], rtol=1e-5)
+
+
+def test_filter_keeps_exactly_the_top_k_and_the_nucleus():
+    """Kept tokens against a sort in numpy, for k up to the candidate count (read off the largest
+    values), beyond it, and nuclei inside and outside the candidates (the last two bisect)."""
+    from jaxinfer.sampler import TOP_CANDIDATES, _filter_threshold
+
+    vocab = 20000  # more chunks than candidates: the chunk prefilter picks
+    cases = [(k, top_p, scale) for k in (0, 1, 5, 40, TOP_CANDIDATES, TOP_CANDIDATES + 1, 300)
+             for top_p in (1.0, 0.99, 0.9, 0.5) for scale in (0.5, 3.0) if k or top_p < 1]
+    rng = np.random.default_rng(11)
+    x = (rng.standard_normal((len(cases), vocab)) * np.array([s for *_, s in cases])[:, None]).astype(np.float32)
+    t = tensors(len(cases), top_k=[k for k, *_ in cases], top_p=[p for _, p, _ in cases], vocab=vocab)
+    kept = np.asarray(jnp.asarray(x) >= jax.jit(_filter_threshold)(jnp.asarray(x), t)[:, None])
+    bisected = 0
+    for row, (k, top_p, _) in enumerate(cases):
+        order = np.argsort(-x[row], kind="stable")
+        p = np.exp(x[row][order].astype(np.float64) - x[row].max())
+        nucleus = int(np.searchsorted(np.cumsum(p), top_p * p.sum())) + 1 if top_p < 1 else vocab
+        want = min(k or vocab, nucleus)
+        assert set(np.flatnonzero(kept[row])) == set(order[:want]), (k, top_p)
+        bisected += k > TOP_CANDIDATES or (k == 0 and nucleus > TOP_CANDIDATES)
+    assert bisected >= 4  # both paths ran
