@@ -59,12 +59,16 @@ def matmul_table(runs: int) -> list[str]:
     return rows
 
 
-def decode_steps(engine, prompt: list[int], batch: int, tokens: int) -> tuple[list[float], list[list[int]]]:
+def decode_steps(engine, prompt: list[int], batch: int, tokens: int, params=None
+                 ) -> tuple[list[float], list[list[int]]]:
     """Seconds of each pure decode step (no prefill in it) while ``batch`` requests of ``prompt``
-    generate ``tokens`` tokens each, and the tokens of each request."""
+    generate ``tokens`` tokens each (``params``: their ``SamplingParams``, greedy by default, with
+    ``max_tokens`` and ``ignore_eos`` set here), and the tokens of each request."""
+    import dataclasses
+
     from jaxinfer.sampling_params import SamplingParams
 
-    params = SamplingParams(temperature=0, max_tokens=tokens, ignore_eos=True)
+    params = dataclasses.replace(params or SamplingParams(temperature=0), max_tokens=tokens, ignore_eos=True)
     for i in range(batch):
         engine.add_request(f"r{time.perf_counter_ns()}-{i}", prompt, params)
     steps, finished = [], []

@@ -1,0 +1,78 @@
+"""What sampling options cost a decode step: SmolLM2-135M float32 decode steps with greedy requests
+and with sampled ones, side by side in one engine.
+
+- ``greedy``: temperature 0 (the engine skips the sampler's other stages);
+- ``chat defaults``: what ``jaxinfer chat`` sends (temperature 0.7, top-k 40, top-p 0.9), seeded;
+- ``top-p 0.9``: temperature 0.8 and top-p alone, seeded, as an OpenAI client without top_k sends.
+
+Each round, each mode (in rotating order) decodes one batch of requests of the same prompt; a
+round's ratio is the mode's median pure decode step (an ``engine.step()`` call that prefilled
+nothing) over greedy's. Reported per batch size: each mode's median step over all rounds, and the
+median and quartiles of the rounds' ratios. The sampler's cost is the step's excess over greedy.
+
+    .venv/bin/python benchmarks/sampling_cost.py [--batches 1,8,32] [--write-results]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+
+from decode import prompt_ids
+from decode_layout import decode_steps
+from report import cpu_times, load_average, publish, stolen_since
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--batches", default="1,8,32", help="decode batch sizes, comma-separated (default 1,8,32)")
+    ap.add_argument("--prompt-tokens", type=int, default=128)
+    ap.add_argument("--decode-tokens", type=int, default=32)
+    ap.add_argument("--rounds", type=int, default=9, help="rounds per batch size (each mode decodes one batch in each)")
+    ap.add_argument("--write-results", action="store_true", help="append a dated section to benchmarks/RESULTS.md")
+    args = ap.parse_args()
+    batches = [int(b) for b in args.batches.split(",")]
+    load_before, times_before = load_average(), cpu_times()
+
+    import jax.numpy as jnp
+
+    from converters.convert import embedded_model_path
+    from converters.loader import load_model
+    from jaxinfer import SamplingParams
+    from jaxinfer.llm import build_engine
+
+    modes = {
+        "greedy": SamplingParams(temperature=0),
+        "chat defaults": SamplingParams(temperature=0.7, top_k=40, top_p=0.9, seed=1),
+        "top-p 0.9": SamplingParams(temperature=0.8, top_p=0.9, seed=1),
+    }
+    loaded = load_model(embedded_model_path(progress=False), jnp.float32, progress=False)
+    prompt = prompt_ids(loaded.tokenizer, args.prompt_tokens)
+    engine = build_engine(loaded, progress=False, max_batch_size=max(batches),
+                          session_len=args.prompt_tokens + args.decode_tokens + 64)
+    names = list(modes)
+    rows = ["| batch | mode | ms/step (median) | / greedy, median of rounds | quartiles |", "|---:|---|---:|---:|---|"]
+    for batch in batches:
+        steps = {name: [] for name in names}
+        for r in range(args.rounds):
+            for name in names[r % len(names):] + names[: r % len(names)]:
+                s, _ = decode_steps(engine, prompt, batch, args.decode_tokens, modes[name])
+                steps[name].append(statistics.median(s) * 1e3)
+        for name in names:
+            ratios = [a / g for a, g in zip(steps[name], steps["greedy"])]
+            q1, _, q3 = statistics.quantiles(ratios, n=4)
+            cells = ("-", "-") if name == "greedy" else (f"{statistics.median(ratios):.2f}x", f"{q1:.2f}-{q3:.2f}x")
+            rows.append(f"| {batch} | {name} | {statistics.median(steps[name]):.2f} | {cells[0]} | {cells[1]} |")
+            print(rows[-1], flush=True)
+    notes = [
+        (f"- float32 weights, {args.prompt_tokens}-token prompt, {args.decode_tokens} tokens per request (EOS "
+         f"ignored), {args.rounds} rounds per batch size, modes in rotating order. Modes: "
+         + "; ".join(f"{name}: temperature {p.temperature}, top-k {p.top_k}, top-p {p.top_p}" for name, p in modes.items())
+         + ". The engine's sampler as of this commit; run at another commit to compare samplers."),
+        f"- Load: before `{load_before}`; after `{load_average()}`. {stolen_since(times_before)}.",
+    ]
+    publish("Sampling cost: decode steps with greedy and sampled requests", rows, notes, write=args.write_results)
+
+
+if __name__ == "__main__":
+    main()
