@@ -6,14 +6,15 @@ filtering, logprobs) run under ``lax.cond`` only when some row of the batch asks
 
 Nothing here sorts the vocabulary: on XLA:CPU a full sort of 49k logits costs ~23 ms per row.
 Top-k, top-p and min-p become one logit threshold per row: top-k and top-p read off the row's 64
-largest values when those settle them, else found by bisection over the whole row; and the draw is an inverse-CDF lookup with a single uniform number per row, in two levels (chunk,
-then token) so that no cumulative sum runs over the whole vocabulary.
+largest values when those settle them, else found by bisection over the whole row. The draw is an
+inverse-CDF lookup with a single uniform number per row, in two levels (chunk, then token) so that
+no cumulative sum runs over the whole vocabulary.
 
 Order, as in vLLM: penalties on the raw logits, min-token bans, temperature, filtering, draw.
 Logprobs are those of the raw model distribution.
 
-Every sum over the vocabulary is ``jaxinfer.reductions``' fixed-order one, so a row's threshold,
-draw and logprobs are bit for bit the same whatever else shares its batch. XLA's own reductions
+Every sum and prefix sum over the vocabulary is ``jaxinfer.reductions``' fixed-order one, so a
+row's threshold, draw and logprobs are bit for bit the same whatever else shares its batch. XLA's own reductions
 moved a top-p threshold across a token boundary when a batch of the same requests grew from 2 to
 4 rows (found by a differential fuzz of async against synchronous scheduling); ``log_softmax``,
 jitted alone, rounded ~5% of random rows differently with the batch (exploratory).
@@ -26,7 +27,7 @@ from dataclasses import dataclass
 import jax
 import jax.numpy as jnp
 
-from jaxinfer.reductions import chunk_sums, row_sums
+from jaxinfer.reductions import chunk_sums, prefix_sums, row_sums
 from jaxinfer.sampling_params import MAX_LOGPROBS
 
 # Bisection steps for the top-k/top-p threshold: 2^-28 of the logit range resolves any pair of
@@ -171,29 +172,19 @@ def _top_values(x: jax.Array) -> jax.Array:
     return jax.lax.top_k(candidates, n)[0]
 
 
-def _prefix_sums(v: jax.Array) -> jax.Array:
-    """Inclusive prefix sums along the last axis by doubling shifts: elementwise additions only,
-    so each row rounds the same in any batch (see ``jaxinfer.reductions``)."""
-    shift = 1
-    while shift < v.shape[-1]:
-        v = v + jnp.pad(v[:, :-shift], ((0, 0), (shift, 0)))
-        shift *= 2
-    return v
-
-
 def _filter_threshold(x: jax.Array, t: SamplingTensors) -> jax.Array:
     """Per-row logit threshold: keep ``x >= threshold`` to apply top-k, top-p and min-p.
 
     Read off each row's ``TOP_CANDIDATES`` largest values when they settle it: top-k with
     ``k <= TOP_CANDIDATES`` (the chat default is 40), and top-p whose nucleus lies within them
     (or does not matter because top-k keeps fewer). Otherwise (a larger k, or a wide nucleus
-    without top-k) the batch bisects over the whole vocabulary, ~10x the cost at batch 32."""
+    without top-k) the batch bisects over the whole vocabulary, ~5x the cost at batch 32."""
     x_max = x.max(axis=-1)
     p = jnp.exp(x - x_max[:, None])
     need_mass = t.top_p * row_sums(p, CDF_CHUNK)
     top = _top_values(x)  # [batch, n]
     n = top.shape[-1]
-    cum = _prefix_sums(jnp.exp(top - x_max[:, None]))
+    cum = prefix_sums(jnp.exp(top - x_max[:, None]))
     k_known = (t.top_k > 0) & (t.top_k <= n)
     t_k = jnp.where(k_known, jnp.take_along_axis(top, jnp.clip(t.top_k - 1, 0, n - 1)[:, None], axis=1)[:, 0], -jnp.inf)
     p_known = cum[:, -1] >= need_mass
@@ -217,7 +208,7 @@ def _inverse_cdf(x: jax.Array, u: jax.Array) -> jax.Array:
     p = jnp.exp(x - x.max(axis=-1, keepdims=True))
     chunk_mass = chunk_sums(p, CDF_CHUNK)  # [batch, chunks]
     p = jnp.pad(p, ((0, 0), (0, pad))).reshape(batch, -1, CDF_CHUNK)
-    cum = jnp.cumsum(chunk_mass, axis=-1)
+    cum = prefix_sums(chunk_mass)
     target = u * cum[:, -1]
     idx_c = jnp.arange(chunk_mass.shape[1], dtype=jnp.int32)
     last_c = jnp.max(jnp.where(chunk_mass > 0, idx_c, 0), axis=-1)
@@ -226,7 +217,7 @@ def _inverse_cdf(x: jax.Array, u: jax.Array) -> jax.Array:
     before = jnp.take_along_axis(cum - chunk_mass, c[:, None], axis=1)[:, 0]
     idx_t = jnp.arange(CDF_CHUNK, dtype=jnp.int32)
     last_t = jnp.max(jnp.where(within > 0, idx_t, 0), axis=-1)
-    t = jnp.minimum(jnp.sum(jnp.cumsum(within, axis=-1) <= (target - before)[:, None], axis=-1), last_t)
+    t = jnp.minimum(jnp.sum(prefix_sums(within) <= (target - before)[:, None], axis=-1), last_t)
     return (c * CDF_CHUNK + t).astype(jnp.int32)
 
 
