@@ -192,11 +192,12 @@ def _filter_threshold(x: jax.Array, t: SamplingTensors) -> jax.Array:
     t_p = jnp.where((t.top_p < 1) & p_known, jnp.take_along_axis(top, first[:, None], axis=1)[:, 0], -jnp.inf)
     filtered = (t.temperature > 0) & ((t.top_k > 0) | (t.top_p < 1))
     bisect = filtered & ((t.top_k > n) | (t.top_p < 1) & ~p_known & ~k_known)
-    t_k, t_p = jax.lax.cond(
-        jnp.any(bisect),
-        lambda: tuple(jnp.where(bisect, b, f) for b, f in zip(_bisected_thresholds(x, t, x_max, p, need_mass), (t_k, t_p))),
-        lambda: (t_k, t_p),
-    )
+
+    def bisected():
+        b_k, b_p = _bisected_thresholds(x, t, x_max, p, need_mass)
+        return jnp.where(bisect, b_k, t_k), jnp.where(bisect, b_p, t_p)
+
+    t_k, t_p = jax.lax.cond(jnp.any(bisect), bisected, lambda: (t_k, t_p))
     t_min_p = jnp.where(t.min_p > 0, x_max + jnp.log(jnp.maximum(t.min_p, 1e-30)), -jnp.inf)
     return jnp.maximum(jnp.maximum(t_k, t_p), t_min_p)
 
