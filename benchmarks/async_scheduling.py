@@ -118,7 +118,8 @@ def main() -> None:
     ap.add_argument("--batches", default="1,8,32", help="decode batch sizes, comma-separated (default 1,8,32)")
     ap.add_argument("--prompt-tokens", type=int, default=128)
     ap.add_argument("--decode-tokens", type=int, default=32)
-    ap.add_argument("--rounds", type=int, default=15, help="rounds per batch size (each contender decodes one batch in each)")
+    ap.add_argument("--rounds", type=int, default=15,
+                    help="rounds per batch size (each contender decodes one batch in each)")
     ap.add_argument("--write-results", action="store_true", help="append a dated section to benchmarks/RESULTS.md")
     args = ap.parse_args()
     batches = [int(b) for b in args.batches.split(",")]
@@ -168,7 +169,8 @@ def main() -> None:
          f"per chunk of {CHAIN_CHUNK} (chunk wall time / {CHAIN_CHUNK})."),
         f"- Load: before `{load_before}`; after `{load_average()}`. {stolen_since(times_before)}.",
     ]
-    publish("Async scheduling: decode steps with it on and off, and with no host work", rows, notes, write=args.write_results)
+    publish("Async scheduling: decode steps with it on and off, and with no host work", rows, notes,
+            write=args.write_results)
 
 
 if __name__ == "__main__":

@@ -65,7 +65,8 @@ def main() -> None:
     notes = [
         (f"- float32 weights, {args.prompt_tokens}-token prompt, {args.decode_tokens} tokens per request (EOS "
          f"ignored), {args.rounds} rounds per batch size, modes in rotating order. Modes: "
-         + "; ".join(f"{name}: temperature {p.temperature}, top-k {p.top_k}, top-p {p.top_p}" for name, p in modes.items())
+         + "; ".join(f"{name}: temperature {p.temperature}, top-k {p.top_k}, top-p {p.top_p}"
+                     for name, p in modes.items())
          + ". The engine's sampler as of this commit; run at another commit to compare samplers."),
         f"- Load: before `{load_before}`; after `{load_average()}`. {stolen_since(times_before)}.",
     ]
