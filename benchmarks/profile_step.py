@@ -37,6 +37,13 @@ def op_events(trace_dir: str) -> list[dict]:
         events = json.load(f)["traceEvents"]
     return [e for e in events if e.get("ph") == "X" and not e["name"].startswith(NOT_OPS)]
 
+# The sampling modes of `sampling_cost.py`; each request seeded by its index.
+SAMPLING = {
+    "greedy": dict(temperature=0),
+    "chat": dict(temperature=0.7, top_k=40, top_p=0.9),
+    "top-p": dict(temperature=0.8, top_p=0.9),
+}
+
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -45,6 +52,8 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=10, help="decode steps traced (default 10)")
     ap.add_argument("--top", type=int, default=12, help="op kinds listed (default 12)")
     ap.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32", help="weight dtype")
+    ap.add_argument("--sampling", choices=tuple(SAMPLING), default="greedy",
+                    help="the requests' sampling: " + "; ".join(f"{k}: {v}" for k, v in SAMPLING.items()))
     ap.add_argument("--write-results", action="store_true")
     args = ap.parse_args()
     load_before = load_average()
@@ -64,8 +73,8 @@ def main() -> None:
     max_tokens = args.batch + args.steps + 8
     engine = build_engine(m, progress=False, max_batch_size=args.batch, max_prefill_tokens=args.prompt_len,
                           session_len=args.prompt_len + max_tokens)
-    params = SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True)
     for i in range(args.batch):
+        params = SamplingParams(**SAMPLING[args.sampling], seed=i, max_tokens=max_tokens, ignore_eos=True)
         engine.add_request(f"p{i}", list(range(100 + i, 100 + i + args.prompt_len)), params)
     scheduler = engine.scheduler
     while scheduler.waiting or any(not s.is_decoding for s in scheduler.running):
@@ -100,7 +109,8 @@ def main() -> None:
             note = f"all weights ({weight_bytes / 1e6:.0f} MB) at {weight_bytes / (us / n) / 1e3:.1f} GB/s"
         rows.append(f"| {kind} | {us / n / 1e3:.2f} | {calls[kind] / n:.0f} | {note} |")
     notes = [
-        f"- Batch {args.batch}, {args.prompt_len}-token prompts, {n} decode steps traced; median `engine.step()` "
+        f"- Batch {args.batch}, {args.prompt_len}-token prompts, {args.sampling} sampling "
+        f"({SAMPLING[args.sampling]}), {n} decode steps traced; median `engine.step()` "
         f"{statistics.median(step_s) * 1e3:.2f} ms (under the profiler). Trace: `{trace_dir}`.",
         f"- Slowest single op: `{slowest['name']}`, {slowest['dur'] / 1e3:.2f} ms.",
         f"- Load: before `{load_before}`; after `{load_average()}`.",
