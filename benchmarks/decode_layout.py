@@ -63,14 +63,17 @@ def decode_steps(engine, prompt: list[int], batch: int, tokens: int, params=None
                  ) -> tuple[list[float], list[list[int]]]:
     """Seconds of each pure decode step (no prefill in it) while ``batch`` requests of ``prompt``
     generate ``tokens`` tokens each (``params``: their ``SamplingParams``, greedy by default, with
-    ``max_tokens`` and ``ignore_eos`` set here), and the tokens of each request."""
+    ``max_tokens`` and ``ignore_eos`` set here; seeded ``params`` seed request ``i`` with
+    ``seed + i``, so that sampled rows follow different texts as a real batch's do), and the tokens
+    of each request."""
     import dataclasses
 
     from jaxinfer.sampling_params import SamplingParams
 
     params = dataclasses.replace(params or SamplingParams(temperature=0), max_tokens=tokens, ignore_eos=True)
     for i in range(batch):
-        engine.add_request(f"r{time.perf_counter_ns()}-{i}", prompt, params)
+        seed = None if params.seed is None else params.seed + i
+        engine.add_request(f"r{time.perf_counter_ns()}-{i}", prompt, dataclasses.replace(params, seed=seed))
     steps, finished = [], []
     while engine.has_unfinished_requests():
         prefilled = engine.stats.prefill_tokens

@@ -3,7 +3,11 @@ and with sampled ones, side by side in one engine.
 
 - ``greedy``: temperature 0 (the engine skips the sampler's other stages);
 - ``chat defaults``: what ``jaxinfer chat`` sends (temperature 0.7, top-k 40, top-p 0.9), seeded;
-- ``top-p 0.9``: temperature 0.8 and top-p alone, seeded, as an OpenAI client without top_k sends.
+- ``top-p 0.9``: temperature 0.8 and top-p alone, seeded, as an OpenAI client without top_k sends;
+- ``top-p 0.9, T 1``: the same at the OpenAI API's default temperature, whose nuclei are wider.
+
+Each request of a batch has its own seed (1, 2, ...), so its rows follow different texts and
+their nuclei differ as a real batch's do.
 
 Each round, each mode (in rotating order) decodes one batch of requests of the same prompt; a
 round's ratio is the mode's median pure decode step (an ``engine.step()`` call that prefilled
@@ -46,6 +50,7 @@ def main() -> None:
         "greedy": SamplingParams(temperature=0),
         "chat defaults": SamplingParams(temperature=0.7, top_k=40, top_p=0.9, seed=1),
         "top-p 0.9": SamplingParams(temperature=0.8, top_p=0.9, seed=1),
+        "top-p 0.9, T 1": SamplingParams(temperature=1.0, top_p=0.9, seed=1),
     }
     loaded = load_model(embedded_model_path(progress=False), jnp.float32, progress=False)
     prompt = prompt_ids(loaded.tokenizer, args.prompt_tokens)
@@ -67,7 +72,8 @@ def main() -> None:
          f"ignored), {args.rounds} rounds per batch size, modes in rotating order. Modes: "
          + "; ".join(f"{name}: temperature {p.temperature}, top-k {p.top_k}, top-p {p.top_p}"
                      for name, p in modes.items())
-         + ". The engine's sampler as of this commit; run at another commit to compare samplers."),
+         + "; sampled request i of a batch seeded i + 1. The engine's sampler as of this commit; run at "
+         "another commit to compare samplers."),
         f"- Load: before `{load_before}`; after `{load_average()}`. {stolen_since(times_before)}.",
     ]
     publish("Sampling cost: decode steps with greedy and sampled requests", rows, notes, write=args.write_results)
