@@ -26,7 +26,9 @@ def build_engine(model=None, dtype=None, warmup: bool = True, progress: bool = T
     """An engine for ``model``: an HF dir, a .gguf file, a converted dir (default: the embedded
     SmolLM2), or an already loaded ``converters.loader.LoadedModel``. ``model_format`` and
     ``keep_quantized`` are ``load_model``'s; ``engine_options`` are the fields of ``EngineConfig``.
-    For asyncio callers: ``AsyncLLM(build_engine(...))``."""
+    For asyncio callers: ``AsyncLLM(build_engine(...))``. On CPU the engine packs the weights for its
+    matmul kernels: a caller that keeps a ``LoadedModel`` it passed keeps a second copy of them
+    alive (``del loaded`` after this call frees it)."""
     from converters.convert import embedded_model_path
     from converters.loader import LoadedModel, load_model
 
