@@ -39,6 +39,10 @@ CDF_CHUNK = 128
 # Largest values per row from which top-k and most top-p thresholds are read, and among which
 # those rows draw.
 TOP_CANDIDATES = 64
+# Chunk whose maxima pick the candidates' chunks: 64 chunks of 32 tokens leave top_k 2048 values
+# to rank where 128-token chunks left 8192 (the candidates at batch 32: 1.0 vs 1.4 ms; at 8: 0.29
+# vs 0.39 ms; exploratory).
+CANDIDATE_CHUNK = 32
 
 
 @jax.tree_util.register_dataclass
@@ -138,15 +142,16 @@ def _ban_stop_ids(x: jax.Array, t: SamplingTensors) -> jax.Array:
 def _top_candidates(x: jax.Array) -> tuple[jax.Array, jax.Array]:
     """Each row's ``TOP_CANDIDATES`` largest values, descending, and their token ids, both
     ``[batch, n]`` (fewer for a small vocabulary). They all lie in the chunks with the largest
-    maxima, so ``lax.top_k`` runs on those chunks only (1.7-1.8x faster than on the whole row at
-    8-32 x 49152, exploratory). Every token above the last value is among them."""
+    maxima, so ``lax.top_k`` runs on those chunks only. Every token above the last value is among
+    them."""
     batch, vocab = x.shape
     n = min(TOP_CANDIDATES, vocab)
-    chunks = jnp.pad(x, ((0, 0), (0, -vocab % CDF_CHUNK)), constant_values=-jnp.inf).reshape(batch, -1, CDF_CHUNK)
+    c = CANDIDATE_CHUNK
+    chunks = jnp.pad(x, ((0, 0), (0, -vocab % c)), constant_values=-jnp.inf).reshape(batch, -1, c)
     _, best = jax.lax.top_k(chunks.max(axis=-1), min(n, chunks.shape[1]))
     candidates = jnp.take_along_axis(chunks, best[:, :, None], axis=1).reshape(batch, -1)
     top, at = jax.lax.top_k(candidates, n)
-    ids = jnp.take_along_axis(best, at // CDF_CHUNK, axis=1) * CDF_CHUNK + at % CDF_CHUNK
+    ids = jnp.take_along_axis(best, at // c, axis=1) * c + at % c
     return top, ids.astype(jnp.int32)
 
 
