@@ -7,16 +7,16 @@ filtering, logprobs) run under ``lax.cond`` only when some row of the batch asks
 Nothing here sorts the vocabulary: on XLA:CPU a full sort of 49k logits costs ~23 ms per row.
 Each row's 64 largest values settle top-k up to k = 64 and a top-p nucleus within them: the row
 draws among those 64. Other rows (a larger k, a wider nucleus) draw over the vocabulary by
-rejection (``_rejection_draw``), which needs no threshold. A draw is an inverse-CDF lookup with a
-single uniform number, in two levels (chunk, then token) so that no cumulative sum runs over the
-whole vocabulary.
+rejection (``_rejection_draw``), which needs no top-k or top-p threshold. A draw is an
+inverse-CDF lookup with a single uniform number, in two levels (chunk, then token) so that no
+cumulative sum runs over the whole vocabulary.
 
 Order, as in vLLM: penalties on the raw logits, min-token bans, temperature, filtering, draw.
 Logprobs are those of the raw model distribution.
 
 Every sum and prefix sum over the vocabulary is ``jaxinfer.reductions``' fixed-order one, so a
-row's threshold, draws and logprobs are bit for bit the same whatever else shares its batch. XLA's own reductions
-moved a top-p threshold across a token boundary when a batch of the same requests grew from 2 to
+row's threshold, draws and logprobs are bit for bit the same whatever else shares its batch.
+XLA's own reductions moved a top-p threshold across a token boundary when a batch of the same requests grew from 2 to
 4 rows (found by a differential fuzz of async against synchronous scheduling); ``log_softmax``,
 jitted alone, rounded ~5% of random rows differently with the batch (exploratory).
 """
