@@ -16,9 +16,9 @@ Logprobs are those of the raw model distribution.
 
 Every sum and prefix sum over the vocabulary is ``jaxinfer.reductions``' fixed-order one, so a
 row's threshold, draws and logprobs are bit for bit the same whatever else shares its batch.
-XLA's own reductions moved a top-p threshold across a token boundary when a batch of the same requests grew from 2 to
-4 rows (found by a differential fuzz of async against synchronous scheduling); ``log_softmax``,
-jitted alone, rounded ~5% of random rows differently with the batch (exploratory).
+XLA's own reductions moved a top-p threshold across a token boundary when a batch of the same
+requests grew from 2 to 4 rows (found by a differential fuzz of async against synchronous
+scheduling); ``log_softmax``, jitted alone, rounded ~5% of random rows differently with the batch (exploratory).
 """
 
 from __future__ import annotations
