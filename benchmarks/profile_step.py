@@ -25,6 +25,7 @@ import statistics
 import time
 
 from report import load_average, publish
+from sampling_cost import MODES
 
 # Host-side and runtime events in the trace (Python frames start with "$"): not XLA ops.
 NOT_OPS = ("$", "ThunkExecutor", "PjitFunction", "Common", "Parse", "np.", "Handle", "end:", "DevicePut",
@@ -37,13 +38,6 @@ def op_events(trace_dir: str) -> list[dict]:
         events = json.load(f)["traceEvents"]
     return [e for e in events if e.get("ph") == "X" and not e["name"].startswith(NOT_OPS)]
 
-# The sampling modes of `sampling_cost.py`; each request seeded by its index.
-SAMPLING = {
-    "greedy": dict(temperature=0),
-    "chat": dict(temperature=0.7, top_k=40, top_p=0.9),
-    "top-p": dict(temperature=0.8, top_p=0.9),
-}
-
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -52,8 +46,9 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=10, help="decode steps traced (default 10)")
     ap.add_argument("--top", type=int, default=12, help="op kinds listed (default 12)")
     ap.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32", help="weight dtype")
-    ap.add_argument("--sampling", choices=tuple(SAMPLING), default="greedy",
-                    help="the requests' sampling: " + "; ".join(f"{k}: {v}" for k, v in SAMPLING.items()))
+    ap.add_argument("--sampling", choices=tuple(MODES), default="greedy",
+                    help="the requests' sampling, a mode of sampling_cost.py (request i seeded seed + i): "
+                    + "; ".join(f"{k!r}: {v}" for k, v in MODES.items()))
     ap.add_argument("--write-results", action="store_true")
     args = ap.parse_args()
     load_before = load_average()
@@ -74,7 +69,10 @@ def main() -> None:
     engine = build_engine(m, progress=False, max_batch_size=args.batch, max_prefill_tokens=args.prompt_len,
                           session_len=args.prompt_len + max_tokens)
     for i in range(args.batch):
-        params = SamplingParams(**SAMPLING[args.sampling], seed=i, max_tokens=max_tokens, ignore_eos=True)
+        fields = dict(MODES[args.sampling], max_tokens=max_tokens, ignore_eos=True)
+        if "seed" in fields:
+            fields["seed"] += i
+        params = SamplingParams(**fields)
         engine.add_request(f"p{i}", list(range(100 + i, 100 + i + args.prompt_len)), params)
     scheduler = engine.scheduler
     while scheduler.waiting or any(not s.is_decoding for s in scheduler.running):
@@ -109,8 +107,8 @@ def main() -> None:
             note = f"all weights ({weight_bytes / 1e6:.0f} MB) at {weight_bytes / (us / n) / 1e3:.1f} GB/s"
         rows.append(f"| {kind} | {us / n / 1e3:.2f} | {calls[kind] / n:.0f} | {note} |")
     notes = [
-        f"- Batch {args.batch}, {args.prompt_len}-token prompts, {args.sampling} sampling "
-        f"({SAMPLING[args.sampling]}), {n} decode steps traced; median `engine.step()` "
+        f"- Batch {args.batch}, {args.prompt_len}-token prompts, `{args.sampling}` sampling "
+        f"({MODES[args.sampling]}), {n} decode steps traced; median `engine.step()` "
         f"{statistics.median(step_s) * 1e3:.2f} ms (under the profiler). Trace: `{trace_dir}`.",
         f"- Slowest single op: `{slowest['name']}`, {slowest['dur'] / 1e3:.2f} ms.",
         f"- Load: before `{load_before}`; after `{load_average()}`.",

@@ -27,6 +27,14 @@ from decode import prompt_ids
 from decode_layout import decode_steps
 from report import cpu_times, load_average, publish, stolen_since
 
+# ``SamplingParams`` fields of each mode (``profile_step.py --sampling`` takes the same names).
+MODES = {
+    "greedy": dict(temperature=0),
+    "chat defaults": dict(temperature=0.7, top_k=40, top_p=0.9, seed=1),
+    "top-p 0.9": dict(temperature=0.8, top_p=0.9, seed=1),
+    "top-p 0.9, T 1": dict(temperature=1.0, top_p=0.9, seed=1),
+}
+
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -46,12 +54,7 @@ def main() -> None:
     from jaxinfer import SamplingParams
     from jaxinfer.llm import build_engine
 
-    modes = {
-        "greedy": SamplingParams(temperature=0),
-        "chat defaults": SamplingParams(temperature=0.7, top_k=40, top_p=0.9, seed=1),
-        "top-p 0.9": SamplingParams(temperature=0.8, top_p=0.9, seed=1),
-        "top-p 0.9, T 1": SamplingParams(temperature=1.0, top_p=0.9, seed=1),
-    }
+    modes = {name: SamplingParams(**fields) for name, fields in MODES.items()}
     loaded = load_model(embedded_model_path(progress=False), jnp.float32, progress=False)
     prompt = prompt_ids(loaded.tokenizer, args.prompt_tokens)
     engine = build_engine(loaded, progress=False, max_batch_size=max(batches),
