@@ -32,6 +32,14 @@ def tensors(batch, temperature=1.0, top_k=0, top_p=1.0, seed=0, step=0, vocab=0,
     return SamplingTensors(**fields)
 
 
+def kept_by_sorting(row, top_k, top_p):
+    """The token ids top-k then top-p keep of one row of logits, by a float64 sort in numpy."""
+    order = np.argsort(-row, kind="stable")
+    p = np.exp(row[order].astype(np.float64) - row.max())
+    nucleus = int(np.searchsorted(np.cumsum(p), top_p * p.sum())) + 1 if top_p < 1 else len(row)
+    return order[: min(top_k or len(row), nucleus)]
+
+
 def draws(logits, n, **kw):
     """Tokens of ``n`` independent draws (seeds 0..n-1) of each row of ``logits``: [n, batch].
 
@@ -118,10 +126,7 @@ def test_filtered_frequencies_follow_the_kept_softmax(top_k, top_p, peaked):
         logits[rng.choice(vocab, 80, replace=False)] += np.linspace(8, 10, 80, dtype=np.float32)
     n = 4000
     got = draws(jnp.asarray(logits)[None], n, top_k=top_k, top_p=top_p)[:, 0]
-    order = np.argsort(-logits, kind="stable")
-    p = np.exp(logits[order].astype(np.float64) - logits.max())
-    nucleus = int(np.searchsorted(np.cumsum(p), top_p * p.sum())) + 1 if top_p < 1 else vocab
-    kept = order[: min(top_k or vocab, nucleus)]
+    kept = kept_by_sorting(logits, top_k, top_p)
     want = np.zeros(vocab)
     want[kept] = np.exp(logits[kept] - logits.max())
     want /= want.sum()
@@ -254,11 +259,8 @@ def test_filter_threshold_is_exact_within_the_candidates_and_a_bound_beyond():
     kept = np.asarray(jnp.asarray(x) >= limit[:, None])
     bounds = 0
     for row, (k, top_p, _) in enumerate(cases):
-        order = np.argsort(-x[row], kind="stable")
-        p = np.exp(x[row][order].astype(np.float64) - x[row].max())
-        nucleus = int(np.searchsorted(np.cumsum(p), top_p * p.sum())) + 1 if top_p < 1 else vocab
-        want = set(order[: min(k or vocab, nucleus)])
-        settled = k <= TOP_CANDIDATES and (nucleus <= TOP_CANDIDATES or k > 0)
+        want = set(kept_by_sorting(x[row], k, top_p))
+        settled = k <= TOP_CANDIDATES and (len(want) <= TOP_CANDIDATES or k > 0)
         assert bool(exact[row]) == settled, (k, top_p)
         if settled:
             assert set(np.flatnonzero(kept[row])) == want, (k, top_p)
