@@ -18,7 +18,7 @@ from typing import Sequence
 import numpy as np
 
 from jaxinfer.kv_cache import TRASH_PAGE
-from jaxinfer.sampling_params import MAX_STOP_TOKEN_IDS, SamplingParams
+from jaxinfer.sampling_params import MAX_LOGIT_BIAS, MAX_STOP_TOKEN_IDS, SamplingParams
 
 MIN_PREFILL_BUCKET = 16
 MAX_PREFILL_ROWS = 4  # prompt chunks per prefill call; each size doubles the prefill buckets it can fill
@@ -167,6 +167,8 @@ class Buckets:
             "min_tokens": np.zeros(batch, np.int32),
             "stop_ids": np.full((batch, STOP_IDS_WIDTH), vocab, np.int32),
             "num_logprobs": np.full(batch, -1, np.int32),
+            "bias_ids": np.full((batch, MAX_LOGIT_BIAS), vocab, np.int32),
+            "bias_values": np.zeros((batch, MAX_LOGIT_BIAS), np.float32),
         }
         history = None
         if any(r is not None and r.history is not None for r in rows):
@@ -197,6 +199,10 @@ class Buckets:
             f["min_tokens"][i] = p.min_tokens
             f["stop_ids"][i, : len(r.banned_ids)] = r.banned_ids
             f["num_logprobs"][i] = -1 if p.logprobs is None else p.logprobs
+            if p.logit_bias:
+                ids, values = zip(*p.logit_bias)
+                f["bias_ids"][i, : len(ids)] = ids
+                f["bias_values"][i, : len(ids)] = values
             if r.history is not None:
                 history[i, : len(r.history)] = r.history
         return StepArrays(tokens, positions, slots, tables, seq_lens, last, f, history)

@@ -11,8 +11,8 @@ rejection (``_rejection_draw``), which needs no top-k or top-p threshold. A draw
 inverse-CDF lookup with a single uniform number, in two levels (chunk, then token) so that no
 cumulative sum runs over the whole vocabulary.
 
-Order, as in vLLM: penalties on the raw logits, min-token bans, temperature, filtering, draw.
-Logprobs are those of the raw model distribution.
+Order, as in vLLM: logit bias and penalties on the raw logits, min-token bans, temperature,
+filtering, draw. Logprobs are those of the raw model distribution.
 
 Every sum and prefix sum over the vocabulary is ``jaxinfer.reductions``' fixed-order one, so a
 row's threshold, draws and logprobs are bit for bit the same whatever else shares its batch.
@@ -66,6 +66,8 @@ class SamplingTensors:
       min_tokens: ``[batch]`` int32 while ``step < min_tokens`` the ``stop_ids`` are banned.
       stop_ids: ``[batch, max_stop_ids]`` int32 EOS and stop token ids, padded with ``vocab``.
       num_logprobs: ``[batch]`` int32 top logprobs to return (0: only the chosen token's; -1: none).
+      bias_ids, bias_values: ``[batch, MAX_LOGIT_BIAS]`` int32 token ids, padded with ``vocab``,
+        and the float32 biases added to their logits (the request's ``logit_bias``).
     """
 
     temperature: jax.Array
@@ -82,6 +84,8 @@ class SamplingTensors:
     min_tokens: jax.Array
     stop_ids: jax.Array
     num_logprobs: jax.Array
+    bias_ids: jax.Array
+    bias_values: jax.Array
 
 
 @jax.tree_util.register_dataclass
@@ -132,6 +136,10 @@ def _apply_penalties(x: jax.Array, t: SamplingTensors) -> jax.Array:
     rp = t.repetition_penalty[:, None]
     x = jnp.where(seen, jnp.where(x > 0, x / rp, x * rp), x)
     return x - t.presence_penalty[:, None] * (output_counts > 0) - t.frequency_penalty[:, None] * output_counts
+
+
+def _add_logit_bias(x: jax.Array, t: SamplingTensors) -> jax.Array:
+    return x.at[jnp.arange(x.shape[0])[:, None], t.bias_ids].add(t.bias_values, mode="drop")
 
 
 def _ban_stop_ids(x: jax.Array, t: SamplingTensors) -> jax.Array:
@@ -287,17 +295,19 @@ def _logprobs(raw: jax.Array, tokens: jax.Array):
 
 def sample(logits: jax.Array, t: SamplingTensors) -> SampleOutput:
     """Pick one token per row. ``logits`` ``[batch, vocab]`` float32."""
-    batch = logits.shape[0]
+    batch, vocab = logits.shape
     penalized = (t.repetition_penalty != 1) | (t.presence_penalty != 0) | (t.frequency_penalty != 0)
+    biased = jnp.any(t.bias_ids < vocab, axis=-1)
 
     def staged():
-        x = jax.lax.cond(jnp.any(penalized), lambda: _apply_penalties(logits, t), lambda: logits)
+        x = jax.lax.cond(jnp.any(biased), lambda: _add_logit_bias(logits, t), lambda: logits)
+        x = jax.lax.cond(jnp.any(penalized), lambda: _apply_penalties(x, t), lambda: x)
         x = jax.lax.cond(jnp.any(t.step < t.min_tokens), lambda: _ban_stop_ids(x, t), lambda: x)
         return _choose(x, t)
 
     # An all-greedy batch with nothing to apply (benchmarks, most chat turns at temperature 0)
     # skips the stages, whose untaken branches still copy the logits (~1 ms at 32 x 49152).
-    plain = ~jnp.any(penalized | (t.step < t.min_tokens) | (t.temperature > 0))
+    plain = ~jnp.any(biased | penalized | (t.step < t.min_tokens) | (t.temperature > 0))
     tokens = jax.lax.cond(plain, lambda: greedy(logits), staged)
     none = (
         jnp.zeros(batch, jnp.float32),

@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
+import math
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 # Most stop token ids a request may carry (they ride in a fixed-width array of the step).
 MAX_STOP_TOKEN_IDS = 16
 MAX_LOGPROBS = 20
+# Most logit_bias entries a request may carry (a fixed-width array of the step, as stop ids).
+MAX_LOGIT_BIAS = 300
+# OpenAI's range for a bias: -100 bans a token in practice, 100 all but forces it.
+LOGIT_BIAS_RANGE = 100.0
 
 
 @dataclass(frozen=True)
@@ -31,6 +37,9 @@ class SamplingParams:
       ignore_eos: keep generating past EOS.
       logprobs: return the chosen token's logprob and this many top alternatives (0-20).
       skip_special_tokens: leave special tokens out of the text.
+      logit_bias: ``{token_id: bias}`` added to the raw logits before anything else (OpenAI's
+        field; biases in [-100, 100], at most ``MAX_LOGIT_BIAS`` tokens). Kept as sorted
+        ``(token_id, bias)`` pairs. Logprobs stay those of the unbiased model.
     """
 
     n: int = 1
@@ -50,11 +59,15 @@ class SamplingParams:
     ignore_eos: bool = False
     logprobs: int | None = None
     skip_special_tokens: bool = True
+    logit_bias: Mapping[int, float] | tuple[tuple[int, float], ...] = field(default_factory=tuple)
 
     def __post_init__(self):
         stop = (self.stop,) if isinstance(self.stop, str) else tuple(self.stop or ())
         object.__setattr__(self, "stop", stop)
         object.__setattr__(self, "stop_token_ids", tuple(int(t) for t in self.stop_token_ids or ()))
+        bias = self.logit_bias or ()
+        pairs = sorted((int(t), float(b)) for t, b in (bias.items() if isinstance(bias, Mapping) else bias))
+        object.__setattr__(self, "logit_bias", tuple(pairs))
         if self.top_k == -1:
             object.__setattr__(self, "top_k", 0)
         checks = [
@@ -76,6 +89,11 @@ class SamplingParams:
             (len(self.stop_token_ids) <= MAX_STOP_TOKEN_IDS, f"at most {MAX_STOP_TOKEN_IDS} stop_token_ids"),
             (all(isinstance(s, str) and s for s in stop), "stop strings must be non-empty strings"),
             (all(t >= 0 for t in self.stop_token_ids), "stop_token_ids must be non-negative"),
+            (len(pairs) <= MAX_LOGIT_BIAS, f"logit_bias takes at most {MAX_LOGIT_BIAS} tokens"),
+            (len({t for t, _ in pairs}) == len(pairs), "logit_bias names a token twice"),
+            (all(t >= 0 for t, _ in pairs), "logit_bias token ids must be non-negative"),
+            (all(math.isfinite(b) and abs(b) <= LOGIT_BIAS_RANGE for _, b in pairs),
+             f"logit_bias values must be in [-{LOGIT_BIAS_RANGE:g}, {LOGIT_BIAS_RANGE:g}]"),
         ]
         for ok, message in checks:
             if not ok:

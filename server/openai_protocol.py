@@ -7,13 +7,14 @@ ignored, as vLLM does, so clients that send extra options keep working.
 
 from __future__ import annotations
 
+import re
 import time
 import uuid
 from dataclasses import dataclass
 from typing import Any
 
 from jaxinfer.outputs import TokenLogprob
-from jaxinfer.sampling_params import MAX_LOGPROBS, MAX_STOP_TOKEN_IDS, SamplingParams
+from jaxinfer.sampling_params import LOGIT_BIAS_RANGE, MAX_LOGIT_BIAS, MAX_LOGPROBS, MAX_STOP_TOKEN_IDS, SamplingParams
 
 MAX_N = 16
 MAX_STOP_STRINGS = 4
@@ -87,6 +88,22 @@ def token_ids_field(value, name: str, vocab: int) -> list[int]:
     return value
 
 
+def _logit_bias(body: dict, vocab: int) -> dict[int, float]:
+    """OpenAI's ``logit_bias``: an object from token ids (JSON keys, so strings) to biases."""
+    bias = get_field(body, "logit_bias", dict, {})
+    if len(bias) > MAX_LOGIT_BIAS:
+        raise bad(f"'logit_bias' takes at most {MAX_LOGIT_BIAS} tokens", "logit_bias")
+    out = {}
+    for key, value in bias.items():
+        if not re.fullmatch(r"0|[1-9][0-9]*", key) or int(key) >= vocab:
+            raise bad(f"'logit_bias' keys must be token ids in [0, {vocab}), got {key!r}", "logit_bias")
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not abs(value) <= LOGIT_BIAS_RANGE:
+            raise bad(f"'logit_bias' values must be numbers in [-{LOGIT_BIAS_RANGE:g}, {LOGIT_BIAS_RANGE:g}], "
+                      f"got {value!r} for token {key}", "logit_bias")
+        out[int(key)] = float(value)
+    return out
+
+
 @dataclass
 class Limits:
     """What the served engine can take."""
@@ -150,6 +167,7 @@ def _sampling(body: dict, limits: Limits, prompt_len: int, max_tokens: int | Non
         ignore_eos=get_field(body, "ignore_eos", bool, False),
         logprobs=logprobs,
         skip_special_tokens=get_field(body, "skip_special_tokens", bool, True),
+        logit_bias=_logit_bias(body, limits.vocab_size),
     )
 
 
@@ -190,7 +208,7 @@ def parse_message(message: Any, i: int) -> dict:
 def parse_chat(body: Any, tokenizer, limits: Limits) -> ParsedRequest:
     if not isinstance(body, dict):
         raise bad("the request body must be a JSON object")
-    _unsupported(body, ("tools", "functions", "logit_bias", "audio", "prediction"))
+    _unsupported(body, ("tools", "functions", "audio", "prediction"))
     messages = get_field(body, "messages", list)
     if not messages:
         raise bad("'messages' must not be empty", "messages")
@@ -220,7 +238,7 @@ def parse_chat(body: Any, tokenizer, limits: Limits) -> ParsedRequest:
 def parse_completion(body: Any, tokenizer, limits: Limits) -> ParsedRequest:
     if not isinstance(body, dict):
         raise bad("the request body must be a JSON object")
-    _unsupported(body, ("suffix", "logit_bias"))
+    _unsupported(body, ("suffix",))
     prompt = body.get("prompt")
     if isinstance(prompt, str) or (isinstance(prompt, list) and prompt and isinstance(prompt[0], int)):
         prompt = [prompt]

@@ -43,7 +43,8 @@ def test_serving_after_warmup_compiles_nothing(llm):
     rng = np.random.default_rng(1)
     params = [
         SamplingParams(temperature=float(rng.choice([0, 0.7, 1.2])), top_k=int(rng.choice([0, 5])),
-                       top_p=float(rng.choice([1.0, 0.9])), max_tokens=int(rng.integers(1, 30)), ignore_eos=True)
+                       top_p=float(rng.choice([1.0, 0.9])), max_tokens=int(rng.integers(1, 30)), ignore_eos=True,
+                       logit_bias={int(rng.integers(0, 256)): 2.0} if rng.random() < 0.5 else None)
         for _ in range(12)
     ]
     outs = llm.generate(prompts(12, seed=1), params)
@@ -139,8 +140,20 @@ def test_requests_that_can_never_run_are_refused(tiny):
         llm.generate([[]])
     with pytest.raises(ValueError, match=r"token ids must be in \[0, 256\)"):
         llm.generate([[1, 999]])
+    with pytest.raises(ValueError, match=r"logit_bias token ids must be in \[0, 256\)"):
+        llm.generate([[1, 2]], SamplingParams(logit_bias={3: 1.0, 256: -1.0}))
     assert not llm.engine.has_unfinished_requests()
     llm.engine.block_manager.check_no_leaks()
+
+
+def test_logit_bias_params_are_normalized_and_checked():
+    assert SamplingParams(logit_bias={5: -100, 2: 1}).logit_bias == ((2, 1.0), (5, -100.0))
+    assert SamplingParams(logit_bias=[(3, 0.5)]).logit_bias == ((3, 0.5),) and SamplingParams().logit_bias == ()
+    for bias, message in [({1: 100.5}, r"values must be in \[-100, 100\]"), ({1: float("nan")}, "values must be"),
+                          ({-2: 1}, "non-negative"), ([(1, 1), (1, 2)], "twice"),
+                          ({i: 1 for i in range(301)}, "at most 300")]:
+        with pytest.raises(ValueError, match=message):
+            SamplingParams(logit_bias=bias)
 
 
 def test_preemption_recomputes_and_changes_nothing(tiny, llm):

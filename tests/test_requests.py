@@ -130,6 +130,26 @@ def test_penalties_follow_the_reference_greedy_decode(llm, tiny):
                                                                       frequency_penalty=0))[0])
 
 
+def test_logit_bias_follows_the_reference_greedy_decode(llm, tiny):
+    _, torch_model = tiny
+    prompt = [21, 22, 23, 24]
+    free = tokens(llm.generate([prompt], GREEDY)[0])
+    bias = {free[0]: -100.0, free[1]: -2.5, 77: 1.5}
+    got = tokens(llm.generate([prompt], dataclasses.replace(GREEDY, max_tokens=12, logit_bias=bias))[0])
+    seq = list(prompt)
+    with torch.no_grad():
+        for _ in range(12):
+            x = torch_model(torch.tensor([seq])).logits[0, -1].double().numpy()
+            for t, b in bias.items():
+                x[t] += b
+            seq.append(int(np.argmax(x)))
+    assert got == seq[len(prompt):] and got[0] != free[0]
+    # +100 all but forces a token, sampled or not
+    forced = SamplingParams(temperature=1.0, seed=0, max_tokens=6, ignore_eos=True, logit_bias={99: 100})
+    assert tokens(llm.generate([prompt], forced)[0]) == [99] * 6
+    llm.engine.block_manager.check_no_leaks()
+
+
 def test_greedy_request_is_batch_invariant_among_16_mixed(tiny):
     llm = LLM(tiny[0], warmup=False, **{**SMALL, "max_batch_size": 16, "cache_max_entry_count": 256})
     rng = np.random.default_rng(9)
@@ -137,7 +157,8 @@ def test_greedy_request_is_batch_invariant_among_16_mixed(tiny):
     params = [
         SamplingParams(temperature=float(rng.choice([0.0, 0.8])), top_p=float(rng.choice([1.0, 0.9])),
                        top_k=int(rng.choice([0, 20])), seed=int(i), max_tokens=int(rng.integers(4, 24)),
-                       repetition_penalty=float(rng.choice([1.0, 1.2])), ignore_eos=True)
+                       repetition_penalty=float(rng.choice([1.0, 1.2])), ignore_eos=True,
+                       logit_bias={int(t): -5.0 for t in rng.integers(3, 256, 4)} if rng.random() < 0.5 else None)
         for i in range(16)
     ]
     params[0] = GREEDY

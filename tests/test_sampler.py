@@ -27,6 +27,8 @@ def tensors(batch, temperature=1.0, top_k=0, top_p=1.0, seed=0, step=0, vocab=0,
         min_tokens=full(kw.pop("min_tokens", 0), np.int32),
         stop_ids=kw.pop("stop_ids", np.full((batch, 2), vocab, np.int32)),
         num_logprobs=full(kw.pop("num_logprobs", -1), np.int32),
+        bias_ids=kw.pop("bias_ids", np.full((batch, 2), vocab, np.int32)),
+        bias_values=kw.pop("bias_values", np.zeros((batch, 2), np.float32)),
     )
     assert not kw, kw
     return SamplingTensors(**fields)
@@ -220,6 +222,34 @@ def test_min_tokens_bans_stop_ids_until_reached():
     early = sample_jit(logits, tensors(1, temperature=0.0, vocab=4, step=2, min_tokens=3, stop_ids=stop_ids))
     late = sample_jit(logits, tensors(1, temperature=0.0, vocab=4, step=3, min_tokens=3, stop_ids=stop_ids))
     assert int(early.tokens[0]) == 2 and int(late.tokens[0]) == 1
+
+
+def test_logit_bias_moves_greedy_and_sampled_choices_of_its_row_only():
+    rng = np.random.default_rng(6)
+    vocab = 300
+    logits = rng.standard_normal((3, vocab)).astype(np.float32)
+    best = np.argmax(logits, axis=-1)
+    # Row 0 bans its argmax and lifts token 5; row 1 bans nothing it would pick; row 2 has no bias.
+    bias_ids = np.array([[best[0], 5], [vocab - 1 if best[1] != vocab - 1 else 0, vocab], [vocab, vocab]], np.int32)
+    bias_values = np.array([[-100, 3.0], [-100, 0], [0, 0]], np.float32)
+    t = tensors(3, temperature=0.0, vocab=vocab, bias_ids=bias_ids, bias_values=bias_values, num_logprobs=0)
+    out = sample_jit(jnp.asarray(logits), t)
+    biased = logits[0].copy()
+    biased[best[0]] -= 100
+    biased[5] += 3
+    np.testing.assert_array_equal(np.asarray(out.tokens), [np.argmax(biased), best[1], best[2]])
+    # logprobs stay the model's own
+    logp = logits[0] - np.log(np.exp(logits[0]).sum())
+    np.testing.assert_allclose(out.logprobs[0], logp[int(out.tokens[0])], rtol=1e-5)
+    # a sampled row draws from softmax(logits + bias): +ln 3 triples a token's odds
+    flat = np.zeros((1, 8), np.float32)
+    n = 4000
+    got = draws(jnp.asarray(flat), n, bias_ids=np.tile([[2, 8]], (n, 1)).astype(np.int32),
+                bias_values=np.tile([[np.log(3.0), 0]], (n, 1)).astype(np.float32))[:, 0]
+    p = np.full(8, 1 / 10)
+    p[2] = 3 / 10
+    freq = np.bincount(got, minlength=8) / n
+    assert np.all(np.abs(freq - p) <= 5 * np.sqrt(p * (1 - p) / n))
 
 
 def test_logprobs_are_the_raw_log_softmax():

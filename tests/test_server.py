@@ -162,6 +162,19 @@ def test_chat_logprobs(client, engine):
     settle(engine)
 
 
+def test_logit_bias_bans_and_forces_tokens(client, engine):
+    ids = engine.tokenizer.encode("Once upon a time")
+    free = client.completions.create(model=MODEL, prompt=ids, max_tokens=3, temperature=0)
+    forced_id = engine.tokenizer.encode(" castle")[-1]
+    forced = client.completions.create(model=MODEL, prompt=ids, max_tokens=3, temperature=0,
+                                       logit_bias={str(forced_id): 100})
+    assert forced.choices[0].text == engine.tokenizer.decode([forced_id] * 3) != free.choices[0].text
+    chat = client.chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=2, temperature=0,
+                                          logit_bias={str(forced_id): 100})
+    assert chat.choices[0].message.content == engine.tokenizer.decode([forced_id] * 2)
+    settle(engine)
+
+
 def test_32_concurrent_async_requests_compile_nothing(server, engine):
     before = compilation_count()
 
@@ -230,6 +243,14 @@ def test_disconnected_stream_is_cancelled(server, engine):
     ("/v1/completions", json.dumps({"prompt": "x", "logprobs": 9}).encode(), 400, "logprobs"),
     ("/v1/completions", json.dumps({"prompt": [1, -5]}).encode(), 400, "prompt"),
     ("/v1/completions", json.dumps({"prompt": ""}).encode(), 400, "prompt"),
+    ("/v1/completions", json.dumps({"prompt": "x", "logit_bias": [1, 2]}).encode(), 400, "logit_bias"),
+    ("/v1/completions", json.dumps({"prompt": "x", "logit_bias": {"abc": 1}}).encode(), 400, "logit_bias"),
+    ("/v1/completions", json.dumps({"prompt": "x", "logit_bias": {"-1": 1}}).encode(), 400, "logit_bias"),
+    ("/v1/completions", json.dumps({"prompt": "x", "logit_bias": {"99999999": 1}}).encode(), 400, "logit_bias"),
+    ("/v1/chat/completions", json.dumps({"messages": MESSAGES, "logit_bias": {"5": 101}}).encode(), 400, "logit_bias"),
+    ("/v1/chat/completions", json.dumps({"messages": MESSAGES, "logit_bias": {"5": "1"}}).encode(), 400, "logit_bias"),
+    ("/v1/chat/completions", json.dumps({"messages": MESSAGES, "logit_bias": {str(i): 1 for i in range(301)}}).encode(),
+     400, "logit_bias"),
     ("/v1/completions", json.dumps({"prompt": "x", "model": "gpt-9"}).encode(), 404, "model"),
     ("/v1/embeddings", json.dumps({"input": "x"}).encode(), 404, None),
 ])
@@ -333,7 +354,7 @@ JSON = st.recursive(
 FIELDS = ["model", "messages", "prompt", "max_tokens", "max_completion_tokens", "temperature", "top_p", "top_k", "n",
           "stream", "stream_options", "stop", "seed", "logprobs", "top_logprobs", "echo", "presence_penalty",
           "frequency_penalty", "repetition_penalty", "min_p", "min_tokens", "stop_token_ids", "ignore_eos", "tokens",
-          "best_of", "add_special_tokens"]
+          "best_of", "add_special_tokens", "logit_bias"]
 BODIES = st.one_of(
     JSON,
     st.dictionaries(st.sampled_from(FIELDS), JSON, max_size=6),
