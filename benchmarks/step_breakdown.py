@@ -18,7 +18,7 @@ of the engine as shipped, side by side with what-if variants of it (``--variants
   (``jaxinfer.huge_pages``). Its tokens must equal the engine's.
 
 The variants are built by swapping ``jaxinfer.model``'s attention function or MLP module while
-their runner traces its shape buckets (``warmup``) (``jaxinfer.model_runner``'s ``to_huge_pages`` for
+their runner traces its shape buckets (``warmup``) (``jaxinfer.model_runner``'s ``parts_to_huge_pages`` for
 the pages), so they run the engine's own scheduler,
 buckets and sampler. Engines alternate within each repeat; per batch size: median step time over
 all pure decode steps (no prefill in them) of all repeats.
@@ -86,12 +86,12 @@ def fuse_gate_up_params(params, num_layers: int):
 def small_pages() -> Iterator[None]:
     from jaxinfer import model_runner
 
-    original = model_runner.to_huge_pages
-    model_runner.to_huge_pages = lambda tree, device: tree
+    original = model_runner.parts_to_huge_pages
+    model_runner.parts_to_huge_pages = lambda shapes, parts, device: {k: v for part in parts for k, v in part.items()}
     try:
         yield
     finally:
-        model_runner.to_huge_pages = original
+        model_runner.parts_to_huge_pages = original
 
 
 @contextlib.contextmanager

@@ -12,7 +12,6 @@ import os
 from dataclasses import dataclass
 from typing import Any
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
@@ -25,6 +24,7 @@ from converters.hf_checkpoint import HFCheckpoint
 from converters.hf_config import model_config_from_hf
 from converters.weight_layout import set_path, weight_plan
 from jaxinfer.config import ModelConfig, WeightQuant, default_dtype
+from jaxinfer.host_memory import release_freed_memory
 from jaxinfer.tokenizer import Tokenizer
 
 Source = HFCheckpoint | GGUFCheckpoint
@@ -138,6 +138,19 @@ def _is_float(a) -> bool:
     return np.dtype(a.dtype).kind == "f" or np.dtype(a.dtype).name == "bfloat16"
 
 
+def _to_device(host: dict, dtype) -> dict:
+    """``host`` (nested dicts of numpy arrays) as device arrays, floats in ``dtype``. Each host
+    array leaves ``host`` as it is copied, so loading holds one copy of the weights and one array
+    more, not two copies."""
+    out = {}
+    for key in list(host):
+        value = host.pop(key)
+        out[key] = (_to_device(value, dtype) if isinstance(value, dict)
+                    else jnp.asarray(value, dtype=dtype if _is_float(value) else None))
+        del value
+    return out
+
+
 def source_dtype(source: Source) -> np.dtype:
     return source.source_dtype() if isinstance(source, HFCheckpoint) else np.dtype(np.float32)
 
@@ -166,6 +179,7 @@ def load_model(path: str, dtype=None, progress: bool = True, model_format: str |
         host_params = build_params(source, config, dtype, progress)
         tokenizer_backend = source.tokenizer_backend()
         tokenizer = Tokenizer(tokenizer_backend, config.eos_token_ids) if tokenizer_backend is not None else None
-    params = jax.tree.map(lambda a: jnp.asarray(a, dtype=dtype if _is_float(a) else None), host_params)
+    params = _to_device(host_params, dtype)
+    release_freed_memory()  # the host arrays' pages, and what the readers used
     return LoadedModel(config=config, params=params, tokenizer=tokenizer, dtype=dtype, path=path)
 

@@ -70,6 +70,7 @@ class LLMEngine:
         dtype,
         warmup: bool = True,
         progress: bool = True,
+        consume_params: bool = False,
     ):
         self.model_config = model_config
         self.tokenizer = tokenizer
@@ -96,7 +97,7 @@ class LLMEngine:
         )
         self.runner = ModelRunner(
             model_config, params, dtype, self.buckets, self.cache_plan.num_pages, engine_config.quant_policy,
-            kv_dtype=kv_dtype, exported_steps=exported_steps_dir(),
+            kv_dtype=kv_dtype, exported_steps=exported_steps_dir(), consume_params=consume_params,
         )
         if self.runner.matmul_kernel is not None:
             logger.info("weights packed for the CPU matmul kernel pallas_kernels.%s", self.runner.matmul_kernel)

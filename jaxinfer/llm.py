@@ -26,9 +26,10 @@ def build_engine(model=None, dtype=None, warmup: bool = True, progress: bool = T
     """An engine for ``model``: an HF dir, a .gguf file, a converted dir (default: the embedded
     SmolLM2), or an already loaded ``converters.loader.LoadedModel``. ``model_format`` and
     ``keep_quantized`` are ``load_model``'s; ``engine_options`` are the fields of ``EngineConfig``.
-    For asyncio callers: ``AsyncLLM(build_engine(...))``. On CPU the engine packs the weights for its
-    matmul kernels: a caller that keeps a ``LoadedModel`` it passed keeps a second copy of them
-    alive (``del loaded`` after this call frees it)."""
+    For asyncio callers: ``AsyncLLM(build_engine(...))``. The engine lays the weights out in its own
+    copy (fused, packed for its CPU matmul kernels, in huge pages): a model loaded here is emptied
+    into that copy as it goes, while a ``LoadedModel`` passed in is left whole, and a caller that
+    keeps it holds a second copy of the weights (``del loaded`` after this call frees it)."""
     from converters.convert import embedded_model_path
     from converters.loader import LoadedModel, load_model
 
@@ -38,7 +39,7 @@ def build_engine(model=None, dtype=None, warmup: bool = True, progress: bool = T
         loaded = load_model(model or embedded_model_path(), dtype, model_format=model_format, keep_quantized=keep_quantized)
     return LLMEngine(
         loaded.config, loaded.params, loaded.tokenizer, EngineConfig(**engine_options),
-        loaded.dtype, warmup=warmup, progress=progress,
+        loaded.dtype, warmup=warmup, progress=progress, consume_params=not isinstance(model, LoadedModel),
     )
 
 

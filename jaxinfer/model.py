@@ -274,11 +274,12 @@ def pack_cpu_weights(params: Any, config: ModelConfig, kernel: str) -> Any:
     (``bf16_kernel``: bfloat16 for ``pallas_kernels.bf16_matmul``; ``f32_kernel``: float32 for
     ``pallas_kernels.f32_matmul``), which ``Linear`` then multiplies with that kernel (float32
     activations only). A tied embedding of that dtype also gets its transpose packed
-    (``bf16_lm_head`` / ``f32_lm_head``) for ``logits``; the table stays for lookups."""
+    (``bf16_lm_head`` / ``f32_lm_head``) for ``logits``; the table stays for lookups. As
+    ``fuse_qkv_params``, it takes any subset of the tree's top-level entries."""
     dtype, pack, _, prefix = CPU_MATMULS[kernel]
     out = _pack_linear_kernels(params, dtype, pack, prefix)
-    embed = params["embed_tokens"]
-    if config.tie_word_embeddings and embed.dtype == dtype:
+    embed = params.get("embed_tokens")
+    if config.tie_word_embeddings and embed is not None and embed.dtype == dtype:
         out[f"{prefix}_lm_head"] = pack(embed.T)
     return out
 
@@ -300,9 +301,12 @@ def fuse_qkv_params(params: Any, config: ModelConfig) -> Any:
     into ``qkv_proj``, for ``LlamaModel(..., fused_qkv=True)``. Float and packed linears alike keep
     their output columns on the last axis of every leaf (kernel, qweight, scales, biases, bias).
     An engine-only layout: tensor-parallel rules (``param_logical_axes``) describe the canonical
-    tree, since an even split of the fused columns would mix q, k and v across devices."""
+    tree, since an even split of the fused columns would mix q, k and v across devices. Any subset
+    of the tree's top-level entries may be given (the engine lays its weights out part by part)."""
     out = dict(params)
     for i in range(config.num_layers):
+        if f"layers_{i}" not in params:
+            continue
         attn = dict(params[f"layers_{i}"]["attn"])
         q, k, v = (attn.pop(name) for name in ("q_proj", "k_proj", "v_proj"))
         attn["qkv_proj"] = {leaf: jnp.concatenate([q[leaf], k[leaf], v[leaf]], axis=-1) for leaf in q}

@@ -25,7 +25,8 @@ from jaxinfer.config import ModelConfig, activation_dtype, kv_cache_dtype
 from jaxinfer.exported_steps import can_export, lower_saved
 from jaxinfer.kv_cache import AttentionMetadata, KVCache
 from jaxinfer.home import jaxinfer_home
-from jaxinfer.huge_pages import to_huge_pages
+from jaxinfer.host_memory import release_freed_memory
+from jaxinfer.huge_pages import parts_to_huge_pages
 from jaxinfer.model import CPU_MATMULS, LlamaModel, fuse_qkv_params, pack_cpu_weights, rope_table
 from jaxinfer.sampler import SampleOutput, SamplingTensors, sample
 from pallas_kernels import cpu_native, dispatch
@@ -67,7 +68,7 @@ def _model_step(model: LlamaModel, param_def, param_leaves, cache: KVCache, rope
 
 class ModelRunner:
     def __init__(self, config: ModelConfig, params: Any, dtype, buckets: Buckets, num_pages: int, quant_policy: int = 0,
-                 fused_qkv: bool = True, exported_steps: str | None = None, kv_dtype=None):
+                 fused_qkv: bool = True, exported_steps: str | None = None, kv_dtype=None, consume_params: bool = False):
         """``params``: the canonical tree. The runner keeps it with q/k/v fused (one larger matmul
         instead of three small ones) unless ``fused_qkv`` is False. ``exported_steps``: a directory
         where warm-up loads and saves each bucket's traced step; None traces them in process.
@@ -77,9 +78,10 @@ class ModelRunner:
         under float32 activations are packed for the matmul kernel of their dtype when it can run
         (``self.matmul_kernel`` names it: ``bf16_matmul`` for bfloat16, ``f32_matmul`` for float32).
         On CPU the weights are then copied into huge pages (``jaxinfer.huge_pages``): the runner holds
-        its own copy, and a caller that keeps ``params`` alive keeps a second one."""
+        its own copy, and a caller that keeps ``params`` alive keeps a second one. With
+        ``consume_params`` the runner empties the ``params`` dict as it lays the weights out, entry by
+        entry, so that each source array is freed once copied (for callers that own the tree)."""
         self.config = config
-        params = fuse_qkv_params(params, config) if fused_qkv else params
         self.buckets = buckets
         act = activation_dtype(dtype)
         self.kernels = (cpu_native.enable(os.path.join(jaxinfer_home(), "native")) if dispatch.cpu_kernels()
@@ -88,9 +90,21 @@ class ModelRunner:
             (name for name, (w_dtype, *_) in CPU_MATMULS.items()
              if jnp.dtype(dtype) == w_dtype and jnp.dtype(act) == jnp.float32 and getattr(self.kernels, name)),
             None)
-        if self.matmul_kernel is not None:
-            params = pack_cpu_weights(params, config, self.matmul_kernel)
-        leaves, self._param_def = jax.tree.flatten(to_huge_pages(params, jax.devices()[0]))
+        def layout(part):
+            part = fuse_qkv_params(part, config) if fused_qkv else part
+            return part if self.matmul_kernel is None else pack_cpu_weights(part, config, self.matmul_kernel)
+
+        def parts():
+            # Part by part (a layer, the embedding...), so that start-up holds the source, the laid
+            # out copy and one part in flight, not the source and two whole copies; the pages of
+            # each consumed part go back to the OS before the next part is laid out.
+            for key in list(params):
+                yield layout({key: params.pop(key) if consume_params else params[key]})
+                if consume_params:
+                    release_freed_memory()
+
+        shapes = jax.eval_shape(layout, params)
+        leaves, self._param_def = jax.tree.flatten(parts_to_huge_pages(shapes, parts(), jax.devices()[0]))
         self._param_leaves = tuple(leaves)
         self.model = LlamaModel(config, act, fused_qkv)
         kv_dtype = jnp.dtype(kv_dtype or kv_cache_dtype(dtype))
@@ -170,6 +184,7 @@ class ModelRunner:
             for shape, compiled in compiling.items():
                 self._warm_steps[shape] = compiled.result()
             self._warm_feeds = {batch: compiled.result() for batch, compiled in feeds.items()}
+        release_freed_memory()  # what tracing and compiling used
 
     def _lower(self, shape: tuple[int, int]) -> jax.stages.Lowered:
         args = (self._param_leaves, self.cache, self.rope_table, *self._device_inputs(self.buckets.pad([], shape)))

@@ -156,6 +156,25 @@ def test_logit_bias_params_are_normalized_and_checked():
             SamplingParams(logit_bias=bias)
 
 
+def test_an_engine_empties_only_the_params_it_loaded(tiny, llm, monkeypatch):
+    from converters import loader
+
+    leaves = len(jax.tree.leaves(tiny.params))
+    assert leaves and len(jax.tree.leaves(llm.engine.runner.params)) > 0  # built from `tiny`...
+    assert len(jax.tree.leaves(tiny.params)) == leaves  # ...which the engine left whole
+    handed_out = []
+
+    def load(*args, **kwargs):
+        handed_out.append(loader.LoadedModel(tiny.config, jax.tree.map(lambda a: a + 0, tiny.params), tiny.tokenizer,
+                                             tiny.dtype, tiny.path))
+        return handed_out[-1]
+
+    monkeypatch.setattr(loader, "load_model", load)
+    owned = LLM("any/path", warmup=False, **SMALL)
+    assert handed_out[0].params == {}  # laid out entry by entry, each source array dropped once copied
+    assert texts(owned.generate(prompts(3, seed=4), GREEDY)) == texts(llm.generate(prompts(3, seed=4), GREEDY))
+
+
 def test_preemption_recomputes_and_changes_nothing(tiny, llm):
     ps = prompts(4, seed=3, lo=20, hi=40)
     params = [GREEDY, SamplingParams(temperature=0.9, seed=7, max_tokens=24, ignore_eos=True), GREEDY, GREEDY]

@@ -2,13 +2,14 @@
 
 import sys
 import types
+import weakref
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxinfer.huge_pages import HUGE_PAGE_BYTES, to_huge_pages
+from jaxinfer.huge_pages import HUGE_PAGE_BYTES, parts_to_huge_pages, to_huge_pages
 
 linux_only = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/smaps")
 
@@ -51,6 +52,37 @@ def test_values_shapes_and_dtypes_are_kept_in_one_aligned_mapping():
     assert pointers[0] % HUGE_PAGE_BYTES == 0
     assert all(p % 64 == 0 for p in pointers)
     assert max(pointers) - min(pointers) < HUGE_PAGE_BYTES  # one mapping, packed together
+
+
+def test_parts_are_copied_one_at_a_time_into_one_mapping():
+    rng = np.random.default_rng(1)
+    values = {f"layer_{i}": {"w": rng.standard_normal((64, 48), np.float32), "b": np.arange(i + 1, dtype=np.int32)}
+              for i in range(4)}
+    shapes = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), values)
+    copied = []
+
+    def on_device(part):
+        arrays = jax.tree.map(jnp.asarray, part)
+        copied.append(weakref.ref(arrays["w"]))
+        return arrays
+
+    def parts():
+        for name, part in values.items():
+            if copied:  # the part before was copied and dropped by now
+                assert copied[-1]() is None
+            yield {name: on_device(part)}
+
+    out = parts_to_huge_pages(shapes, parts(), jax.devices()[0])
+    assert jax.tree.structure(out) == jax.tree.structure(values)
+    for got, want in zip(jax.tree.leaves(out), jax.tree.leaves(values)):
+        np.testing.assert_array_equal(np.asarray(got), want)
+    pointers = [leaf.unsafe_buffer_pointer() for leaf in jax.tree.leaves(out)]
+    assert min(pointers) % HUGE_PAGE_BYTES == 0 and max(pointers) - min(pointers) < HUGE_PAGE_BYTES
+    with pytest.raises(ValueError, match="not"):  # a part missing
+        parts_to_huge_pages(shapes, [{"layer_0": values["layer_0"]}], jax.devices()[0])
+    with pytest.raises(ValueError, match="more than their shapes"):
+        big = {"layer_0": {"w": np.zeros((64, 4096), np.float32), "b": values["layer_0"]["b"]}}
+        parts_to_huge_pages({"layer_0": shapes["layer_0"]}, [big], jax.devices()[0])
 
 
 @linux_only
