@@ -169,6 +169,7 @@ class Buckets:
             "num_logprobs": np.full(batch, -1, np.int32),
             "bias_ids": np.full((batch, MAX_LOGIT_BIAS), vocab, np.int32),
             "bias_values": np.zeros((batch, MAX_LOGIT_BIAS), np.float32),
+            "only_listed": np.zeros(batch, bool),
         }
         history = None
         if any(r is not None and r.history is not None for r in rows):
@@ -199,10 +200,11 @@ class Buckets:
             f["min_tokens"][i] = p.min_tokens
             f["stop_ids"][i, : len(r.banned_ids)] = r.banned_ids
             f["num_logprobs"][i] = -1 if p.logprobs is None else p.logprobs
-            if p.logit_bias:
-                ids, values = zip(*p.logit_bias)
+            if p.listed_tokens:
+                ids, values = zip(*p.listed_tokens)
                 f["bias_ids"][i, : len(ids)] = ids
                 f["bias_values"][i, : len(ids)] = values
+                f["only_listed"][i] = p.allowed_token_ids is not None
             if r.history is not None:
                 history[i, : len(r.history)] = r.history
         return StepArrays(tokens, positions, slots, tables, seq_lens, last, f, history)

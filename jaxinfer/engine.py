@@ -123,6 +123,8 @@ class LLMEngine:
             raise ValueError(f"prompt token ids must be in [0, {vocab})")
         if params.logit_bias and params.logit_bias[-1][0] >= vocab:
             raise ValueError(f"logit_bias token ids must be in [0, {vocab})")
+        if params.allowed_token_ids and params.allowed_token_ids[-1] >= vocab:
+            raise ValueError(f"allowed_token_ids must be in [0, {vocab})")
         if params.stop and self.tokenizer is None:
             raise ValueError("stop strings need a tokenizer; this model has none")
         room = self.session_len - len(prompt)

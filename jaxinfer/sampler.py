@@ -11,8 +11,8 @@ rejection (``_rejection_draw``), which needs no top-k or top-p threshold. A draw
 inverse-CDF lookup with a single uniform number, in two levels (chunk, then token) so that no
 cumulative sum runs over the whole vocabulary.
 
-Order, as in vLLM: logit bias and penalties on the raw logits, min-token bans, temperature,
-filtering, draw. Logprobs are those of the raw model distribution.
+Order, as in vLLM: allowed tokens, logit bias and penalties on the raw logits, min-token bans,
+temperature, filtering, draw. Logprobs are those of the raw model distribution.
 
 Every sum and prefix sum over the vocabulary is ``jaxinfer.reductions``' fixed-order one, so a
 row's threshold, draws and logprobs are bit for bit the same whatever else shares its batch.
@@ -67,7 +67,9 @@ class SamplingTensors:
       stop_ids: ``[batch, max_stop_ids]`` int32 EOS and stop token ids, padded with ``vocab``.
       num_logprobs: ``[batch]`` int32 top logprobs to return (0: only the chosen token's; -1: none).
       bias_ids, bias_values: ``[batch, MAX_LOGIT_BIAS]`` int32 token ids, padded with ``vocab``,
-        and the float32 biases added to their logits (the request's ``logit_bias``).
+        and the float32 biases added to their logits (``SamplingParams.listed_tokens``).
+      only_listed: ``[batch]`` bool every token outside ``bias_ids`` is banned
+        (``allowed_token_ids``).
     """
 
     temperature: jax.Array
@@ -86,6 +88,7 @@ class SamplingTensors:
     num_logprobs: jax.Array
     bias_ids: jax.Array
     bias_values: jax.Array
+    only_listed: jax.Array
 
 
 @jax.tree_util.register_dataclass
@@ -139,7 +142,10 @@ def _apply_penalties(x: jax.Array, t: SamplingTensors) -> jax.Array:
 
 
 def _add_logit_bias(x: jax.Array, t: SamplingTensors) -> jax.Array:
-    return x.at[jnp.arange(x.shape[0])[:, None], t.bias_ids].add(t.bias_values, mode="drop")
+    rows = jnp.arange(x.shape[0])[:, None]
+    listed = x.at[rows, t.bias_ids].get(mode="fill", fill_value=-jnp.inf)
+    banned = jnp.where(t.only_listed[:, None], -jnp.inf, x)
+    return banned.at[rows, t.bias_ids].set(listed + t.bias_values, mode="drop")
 
 
 def _ban_stop_ids(x: jax.Array, t: SamplingTensors) -> jax.Array:
@@ -297,7 +303,7 @@ def sample(logits: jax.Array, t: SamplingTensors) -> SampleOutput:
     """Pick one token per row. ``logits`` ``[batch, vocab]`` float32."""
     batch, vocab = logits.shape
     penalized = (t.repetition_penalty != 1) | (t.presence_penalty != 0) | (t.frequency_penalty != 0)
-    biased = jnp.any(t.bias_ids < vocab, axis=-1)
+    biased = jnp.any(t.bias_ids < vocab, axis=-1)  # rows with only_listed list one token or more
 
     def staged():
         x = jax.lax.cond(jnp.any(biased), lambda: _add_logit_bias(logits, t), lambda: logits)

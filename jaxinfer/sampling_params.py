@@ -9,7 +9,8 @@ from dataclasses import dataclass, field
 # Most stop token ids a request may carry (they ride in a fixed-width array of the step).
 MAX_STOP_TOKEN_IDS = 16
 MAX_LOGPROBS = 20
-# Most logit_bias entries a request may carry (a fixed-width array of the step, as stop ids).
+# Most tokens a request's logit_bias and allowed_token_ids may name together (they share a
+# fixed-width array of the step, as stop ids do).
 MAX_LOGIT_BIAS = 300
 # OpenAI's range for a bias: -100 bans a token in practice, 100 all but forces it.
 LOGIT_BIAS_RANGE = 100.0
@@ -40,6 +41,8 @@ class SamplingParams:
       logit_bias: ``{token_id: bias}`` added to the raw logits before anything else (OpenAI's
         field; biases in [-100, 100], at most ``MAX_LOGIT_BIAS`` tokens). Kept as sorted
         ``(token_id, bias)`` pairs. Logprobs stay those of the unbiased model.
+      allowed_token_ids: when set, only these tokens can be generated (vLLM's field; at most
+        ``MAX_LOGIT_BIAS``). Kept sorted, without repeats.
     """
 
     n: int = 1
@@ -60,6 +63,7 @@ class SamplingParams:
     logprobs: int | None = None
     skip_special_tokens: bool = True
     logit_bias: Mapping[int, float] | tuple[tuple[int, float], ...] = field(default_factory=tuple)
+    allowed_token_ids: tuple[int, ...] | None = None
 
     def __post_init__(self):
         stop = (self.stop,) if isinstance(self.stop, str) else tuple(self.stop or ())
@@ -68,6 +72,8 @@ class SamplingParams:
         bias = self.logit_bias or ()
         pairs = sorted((int(t), float(b)) for t, b in (bias.items() if isinstance(bias, Mapping) else bias))
         object.__setattr__(self, "logit_bias", tuple(pairs))
+        allowed = None if self.allowed_token_ids is None else tuple(sorted({int(t) for t in self.allowed_token_ids}))
+        object.__setattr__(self, "allowed_token_ids", allowed)
         if self.top_k == -1:
             object.__setattr__(self, "top_k", 0)
         checks = [
@@ -89,7 +95,10 @@ class SamplingParams:
             (len(self.stop_token_ids) <= MAX_STOP_TOKEN_IDS, f"at most {MAX_STOP_TOKEN_IDS} stop_token_ids"),
             (all(isinstance(s, str) and s for s in stop), "stop strings must be non-empty strings"),
             (all(t >= 0 for t in self.stop_token_ids), "stop_token_ids must be non-negative"),
-            (len(pairs) <= MAX_LOGIT_BIAS, f"logit_bias takes at most {MAX_LOGIT_BIAS} tokens"),
+            (len(self.listed_tokens) <= MAX_LOGIT_BIAS,
+             f"at most {MAX_LOGIT_BIAS} tokens in logit_bias, or in allowed_token_ids when it is set"),
+            (allowed is None or len(allowed) > 0, "allowed_token_ids must not be empty"),
+            (not allowed or allowed[0] >= 0, "allowed_token_ids must be non-negative"),
             (len({t for t, _ in pairs}) == len(pairs), "logit_bias names a token twice"),
             (all(t >= 0 for t, _ in pairs), "logit_bias token ids must be non-negative"),
             (all(math.isfinite(b) and abs(b) <= LOGIT_BIAS_RANGE for _, b in pairs),
@@ -102,6 +111,16 @@ class SamplingParams:
     @property
     def greedy(self) -> bool:
         return self.temperature == 0
+
+    @property
+    def listed_tokens(self) -> tuple[tuple[int, float], ...]:
+        """The ``(token_id, bias)`` pairs the step's bias arrays carry, sorted by id: every allowed
+        token (with its bias, or 0) when ``allowed_token_ids`` is set, else the ``logit_bias``
+        entries. A bias on a token that is not allowed is moot: that token is banned."""
+        if self.allowed_token_ids is None:
+            return self.logit_bias
+        bias = dict(self.logit_bias)
+        return tuple((t, bias.get(t, 0.0)) for t in self.allowed_token_ids)
 
     @property
     def penalized(self) -> bool:

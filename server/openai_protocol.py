@@ -104,6 +104,17 @@ def _logit_bias(body: dict, vocab: int) -> dict[int, float]:
     return out
 
 
+def _allowed_token_ids(body: dict, vocab: int) -> list[int] | None:
+    """vLLM's ``allowed_token_ids``: only these tokens may be generated."""
+    allowed = body.get("allowed_token_ids")
+    if allowed is None:
+        return None
+    token_ids_field(allowed, "allowed_token_ids", vocab)
+    if not 0 < len(set(allowed)) <= MAX_LOGIT_BIAS:
+        raise bad(f"'allowed_token_ids' must hold 1 to {MAX_LOGIT_BIAS} token ids", "allowed_token_ids")
+    return allowed
+
+
 @dataclass
 class Limits:
     """What the served engine can take."""
@@ -168,6 +179,7 @@ def _sampling(body: dict, limits: Limits, prompt_len: int, max_tokens: int | Non
         logprobs=logprobs,
         skip_special_tokens=get_field(body, "skip_special_tokens", bool, True),
         logit_bias=_logit_bias(body, limits.vocab_size),
+        allowed_token_ids=_allowed_token_ids(body, limits.vocab_size),
     )
 
 

@@ -48,6 +48,7 @@ MIXED = [
     SamplingParams(temperature=0, max_tokens=3, ignore_eos=True),  # ends early: its row turns to padding
     SamplingParams(temperature=0.7, seed=2, max_tokens=20, min_tokens=6, stop_token_ids=[7, 9, 11, 13]),
     SamplingParams(temperature=0, max_tokens=1),
+    SamplingParams(temperature=0.8, seed=6, max_tokens=10, ignore_eos=True, allowed_token_ids=[4, 9, 100, 101]),
     SamplingParams(temperature=0.9, seed=8, max_tokens=18, ignore_eos=True, logit_bias={3: 2.0, 50: -4.0}),
 ]
 

@@ -44,7 +44,8 @@ def test_serving_after_warmup_compiles_nothing(llm):
     params = [
         SamplingParams(temperature=float(rng.choice([0, 0.7, 1.2])), top_k=int(rng.choice([0, 5])),
                        top_p=float(rng.choice([1.0, 0.9])), max_tokens=int(rng.integers(1, 30)), ignore_eos=True,
-                       logit_bias={int(rng.integers(0, 256)): 2.0} if rng.random() < 0.5 else None)
+                       logit_bias={int(rng.integers(0, 256)): 2.0} if rng.random() < 0.5 else None,
+                       allowed_token_ids=rng.integers(0, 256, 5).tolist() if rng.random() < 0.3 else None)
         for _ in range(12)
     ]
     outs = llm.generate(prompts(12, seed=1), params)
@@ -142,11 +143,13 @@ def test_requests_that_can_never_run_are_refused(tiny):
         llm.generate([[1, 999]])
     with pytest.raises(ValueError, match=r"logit_bias token ids must be in \[0, 256\)"):
         llm.generate([[1, 2]], SamplingParams(logit_bias={3: 1.0, 256: -1.0}))
+    with pytest.raises(ValueError, match=r"allowed_token_ids must be in \[0, 256\)"):
+        llm.generate([[1, 2]], SamplingParams(allowed_token_ids=[3, 300]))
     assert not llm.engine.has_unfinished_requests()
     llm.engine.block_manager.check_no_leaks()
 
 
-def test_logit_bias_params_are_normalized_and_checked():
+def test_logit_bias_and_allowed_token_ids_are_normalized_and_checked():
     assert SamplingParams(logit_bias={5: -100, 2: 1}).logit_bias == ((2, 1.0), (5, -100.0))
     assert SamplingParams(logit_bias=[(3, 0.5)]).logit_bias == ((3, 0.5),) and SamplingParams().logit_bias == ()
     for bias, message in [({1: 100.5}, r"values must be in \[-100, 100\]"), ({1: float("nan")}, "values must be"),
@@ -154,6 +157,11 @@ def test_logit_bias_params_are_normalized_and_checked():
                           ({i: 1 for i in range(301)}, "at most 300")]:
         with pytest.raises(ValueError, match=message):
             SamplingParams(logit_bias=bias)
+    p = SamplingParams(allowed_token_ids=[9, 4, 9], logit_bias={4: 2.0, 7: 1.0})
+    assert p.allowed_token_ids == (4, 9) and p.listed_tokens == ((4, 2.0), (9, 0.0))
+    for allowed, message in [([], "empty"), ([-1, 2], "non-negative"), (range(301), "at most 300")]:
+        with pytest.raises(ValueError, match=message):
+            SamplingParams(allowed_token_ids=allowed)
 
 
 def test_an_engine_empties_only_the_params_it_loaded(tiny, llm, monkeypatch):

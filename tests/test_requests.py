@@ -150,6 +150,23 @@ def test_logit_bias_follows_the_reference_greedy_decode(llm, tiny):
     llm.engine.block_manager.check_no_leaks()
 
 
+def test_allowed_token_ids_follow_the_reference_greedy_decode(llm, tiny):
+    _, torch_model = tiny
+    prompt = [31, 32, 33]
+    allowed = [5, 17, 64, 65, 200]
+    p = dataclasses.replace(GREEDY, max_tokens=8, allowed_token_ids=allowed, logit_bias={17: 0.5, 90: 50.0})
+    sampled = dataclasses.replace(p, temperature=1.0, seed=3)
+    got, drawn = (tokens(o) for o in llm.generate([prompt, prompt], [p, sampled]))
+    seq = list(prompt)
+    with torch.no_grad():
+        for _ in range(8):
+            x = torch_model(torch.tensor([seq])).logits[0, -1].double().numpy()
+            x[17] += 0.5  # the bias on 90 is moot: 90 is not allowed
+            seq.append(allowed[int(np.argmax(x[allowed]))])
+    assert got == seq[len(prompt):] and set(drawn) <= set(allowed)
+    llm.engine.block_manager.check_no_leaks()
+
+
 def test_greedy_request_is_batch_invariant_among_16_mixed(tiny):
     llm = LLM(tiny[0], warmup=False, **{**SMALL, "max_batch_size": 16, "cache_max_entry_count": 256})
     rng = np.random.default_rng(9)

@@ -29,6 +29,7 @@ def tensors(batch, temperature=1.0, top_k=0, top_p=1.0, seed=0, step=0, vocab=0,
         num_logprobs=full(kw.pop("num_logprobs", -1), np.int32),
         bias_ids=kw.pop("bias_ids", np.full((batch, 2), vocab, np.int32)),
         bias_values=kw.pop("bias_values", np.zeros((batch, 2), np.float32)),
+        only_listed=full(kw.pop("only_listed", False), bool),
     )
     assert not kw, kw
     return SamplingTensors(**fields)
@@ -250,6 +251,28 @@ def test_logit_bias_moves_greedy_and_sampled_choices_of_its_row_only():
     p[2] = 3 / 10
     freq = np.bincount(got, minlength=8) / n
     assert np.all(np.abs(freq - p) <= 5 * np.sqrt(p * (1 - p) / n))
+
+
+def test_only_listed_tokens_are_drawn_from_their_biased_softmax():
+    rng = np.random.default_rng(7)
+    vocab = 500
+    logits = rng.standard_normal((2, vocab)).astype(np.float32)
+    allowed = np.array([3, 130, 257, 499], np.int32)
+    bias = np.array([0.0, 1.0, 0.0, -0.5], np.float32)
+    n = 4000
+    got = draws(jnp.asarray(logits[:1]), n, temperature=0.9, bias_ids=np.tile(allowed, (n, 1)),
+                bias_values=np.tile(bias, (n, 1)), only_listed=True)[:, 0]
+    y = (logits[0, allowed] + bias) / 0.9
+    p = np.exp(y - y.max())
+    p /= p.sum()
+    freq = np.array([np.mean(got == a) for a in allowed])
+    assert set(got) <= set(allowed) and np.all(np.abs(freq - p) <= 5 * np.sqrt(p * (1 - p) / n))
+    # greedy picks the best allowed token; a row beside it that lists nothing keeps its own argmax
+    ids = np.stack([allowed, np.full(4, vocab, np.int32)])
+    t = tensors(2, temperature=0.0, vocab=vocab, bias_ids=ids, bias_values=np.stack([bias, np.zeros(4, np.float32)]),
+                only_listed=[True, False])
+    out = sample_jit(jnp.asarray(logits), t).tokens
+    assert int(out[0]) == allowed[np.argmax(logits[0, allowed] + bias)] and int(out[1]) == np.argmax(logits[1])
 
 
 def test_logprobs_are_the_raw_log_softmax():

@@ -172,6 +172,9 @@ def test_logit_bias_bans_and_forces_tokens(client, engine):
     chat = client.chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=2, temperature=0,
                                           logit_bias={str(forced_id): 100})
     assert chat.choices[0].message.content == engine.tokenizer.decode([forced_id] * 2)
+    only = client.completions.create(model=MODEL, prompt=ids, max_tokens=4, temperature=1.0, seed=1,
+                                     extra_body={"allowed_token_ids": [forced_id]})
+    assert only.choices[0].text == engine.tokenizer.decode([forced_id] * 4)
     settle(engine)
 
 
@@ -251,6 +254,10 @@ def test_disconnected_stream_is_cancelled(server, engine):
     ("/v1/chat/completions", json.dumps({"messages": MESSAGES, "logit_bias": {"5": "1"}}).encode(), 400, "logit_bias"),
     ("/v1/chat/completions", json.dumps({"messages": MESSAGES, "logit_bias": {str(i): 1 for i in range(301)}}).encode(),
      400, "logit_bias"),
+    ("/v1/completions", json.dumps({"prompt": "x", "allowed_token_ids": []}).encode(), 400, "allowed_token_ids"),
+    ("/v1/completions", json.dumps({"prompt": "x", "allowed_token_ids": [1, 99999999]}).encode(), 400,
+     "allowed_token_ids"),
+    ("/v1/completions", json.dumps({"prompt": "x", "allowed_token_ids": "1"}).encode(), 400, "allowed_token_ids"),
     ("/v1/completions", json.dumps({"prompt": "x", "model": "gpt-9"}).encode(), 404, "model"),
     ("/v1/embeddings", json.dumps({"input": "x"}).encode(), 404, None),
 ])
@@ -354,7 +361,7 @@ JSON = st.recursive(
 FIELDS = ["model", "messages", "prompt", "max_tokens", "max_completion_tokens", "temperature", "top_p", "top_k", "n",
           "stream", "stream_options", "stop", "seed", "logprobs", "top_logprobs", "echo", "presence_penalty",
           "frequency_penalty", "repetition_penalty", "min_p", "min_tokens", "stop_token_ids", "ignore_eos", "tokens",
-          "best_of", "add_special_tokens", "logit_bias"]
+          "best_of", "add_special_tokens", "logit_bias", "allowed_token_ids"]
 BODIES = st.one_of(
     JSON,
     st.dictionaries(st.sampled_from(FIELDS), JSON, max_size=6),
