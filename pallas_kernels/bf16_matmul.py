@@ -39,6 +39,7 @@ TILE_K = 32  # values of K in one tile product
 MIN_NARROW_DOT_ROWS = 4
 
 
+@jax.jit
 def pack(w: jax.Array) -> jax.Array:
     """``w [K, N]`` bfloat16 -> packed ``[ceil(N / 16), kpad / 2, 32]`` (module docstring)."""
     k, n = w.shape

@@ -26,6 +26,7 @@ from pallas_kernels import cpu_native, dispatch
 BLOCK_COLS = 16  # output columns of one packed block (one AVX-512 register, two AVX2 ones)
 
 
+@jax.jit
 def pack(w: jax.Array) -> jax.Array:
     """``w [K, N]`` float32 -> packed ``[ceil(N / 16), K, 16]`` (module docstring)."""
     k, n = w.shape
