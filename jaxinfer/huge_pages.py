@@ -7,12 +7,12 @@ stream misses the TLB 512x less often. On the 2-core Zen 4 a 2-thread read of 54
 54-56 GB/s; exploratory, side by side), and SmolLM2's batch-1 decode steps 1.04x faster, batch
 8-32 unchanged (``benchmarks/step_breakdown.py --variants "4 KiB pages"``, RESULTS.md 19:03).
 
-``to_huge_pages`` copies every array of a tree into one private anonymous mapping, aligned to
-2 MiB and advised ``MADV_HUGEPAGE`` before its first touch (so that page faults take huge pages
-when the kernel's THP mode is ``madvise`` as well as ``always``), and returns arrays that alias it:
-on CPU ``jax.device_put`` of a numpy array aligned to 64 bytes does not copy it. The mapping lives
-as long as any of those arrays. ``parts_to_huge_pages`` does the same for a tree that arrives in
-parts, one at a time, so that a caller building the parts lazily never holds two copies of it.
+``parts_to_huge_pages`` copies every array of a tree, which arrives in parts one at a time (so that
+a caller building the parts lazily never holds two copies of it), into one private anonymous
+mapping, aligned to 2 MiB and advised ``MADV_HUGEPAGE`` before its first touch (so that page faults
+take huge pages when the kernel's THP mode is ``madvise`` as well as ``always``), and returns arrays
+that alias it: on CPU ``jax.device_put`` of a numpy array aligned to 64 bytes does not copy it. The
+mapping lives as long as any of those arrays.
 """
 
 from __future__ import annotations
@@ -20,7 +20,6 @@ from __future__ import annotations
 import logging
 import mmap
 from collections.abc import Iterable
-from typing import Any
 
 import jax
 import numpy as np
@@ -29,17 +28,6 @@ logger = logging.getLogger(__name__)
 
 HUGE_PAGE_BYTES = 2 << 20
 ALIGNMENT = 64  # what XLA:CPU needs to take a host buffer without copying it
-
-
-def to_huge_pages(tree: Any, device: jax.Device) -> Any:
-    """``tree`` with every leaf (a jax or numpy array) copied into one huge-page mapping and put on
-    ``device`` without a further copy; the same values, dtypes and shapes. ``tree`` itself when
-    ``device`` is not a CPU or the platform has no ``MADV_HUGEPAGE``."""
-    if not _available(device):
-        return tree
-    shapes = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), tree)
-    return jax.tree.unflatten(jax.tree.structure(tree),
-                              jax.tree.leaves(parts_to_huge_pages({"": shapes}, [{"": tree}], device)))
 
 
 def parts_to_huge_pages(shapes: dict, parts: Iterable[dict], device: jax.Device) -> dict:

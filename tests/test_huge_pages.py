@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxinfer.huge_pages import HUGE_PAGE_BYTES, parts_to_huge_pages, to_huge_pages
+from jaxinfer.huge_pages import HUGE_PAGE_BYTES, parts_to_huge_pages
 
 linux_only = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/smaps")
 
@@ -38,9 +38,13 @@ def _tree():
     }
 
 
+def _shapes(tree):
+    return jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), tree)
+
+
 def test_values_shapes_and_dtypes_are_kept_in_one_aligned_mapping():
     tree = _tree()
-    moved = to_huge_pages(tree, jax.devices()[0])
+    moved = parts_to_huge_pages(_shapes(tree), [tree], jax.devices()[0])
     assert jax.tree.structure(moved) == jax.tree.structure(tree)
     pointers = []
     for before, after in zip(jax.tree.leaves(tree), jax.tree.leaves(moved)):
@@ -87,13 +91,16 @@ def test_parts_are_copied_one_at_a_time_into_one_mapping():
 
 @linux_only
 def test_the_mapping_is_advised_for_huge_pages():
-    moved = to_huge_pages({"w": jnp.ones((1024, 1024))}, jax.devices()[0])
+    tree = {"w": jnp.ones((1024, 1024))}
+    moved = parts_to_huge_pages(_shapes(tree), [tree], jax.devices()[0])
     assert "hg" in _vm_flags(moved["w"].unsafe_buffer_pointer())
 
 
 def test_other_devices_keep_the_tree():
     tree = _tree()
-    assert to_huge_pages(tree, types.SimpleNamespace(platform="gpu")) is tree
+    kept = parts_to_huge_pages(_shapes(tree), [{"w": tree["w"]}, {"bf16": tree["bf16"], "layers": tree["layers"]}],
+                               types.SimpleNamespace(platform="gpu"))
+    assert kept == tree and all(a is b for a, b in zip(jax.tree.leaves(kept), jax.tree.leaves(tree)))
 
 
 @linux_only
