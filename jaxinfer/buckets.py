@@ -57,6 +57,8 @@ class StepRow:
       history: all its tokens so far (prompt first) when the request has penalties, else None.
       prompt_len: its prompt length.
       banned_ids: token ids impossible while ``num_generated < sampling.min_tokens``.
+      prompt_targets: when the request wants prompt logprobs, the token each of ``token_ids``
+        predicts (the next prompt token), or None where that is not a prompt token.
     """
 
     token_ids: Sequence[int]
@@ -68,6 +70,7 @@ class StepRow:
     history: Sequence[int] | None = None
     prompt_len: int = 0
     banned_ids: Sequence[int] = ()
+    prompt_targets: Sequence[int | None] | None = None
 
 
 @dataclass(frozen=True)
@@ -83,6 +86,7 @@ class StepArrays:
     logits_indices: np.ndarray  # [batch] int32: the row's last real token
     sampling: dict[str, np.ndarray]  # the fields of jaxinfer.sampler.SamplingTensors
     history: np.ndarray | None  # [batch, history_len] int32
+    prompt_targets: np.ndarray  # [batch, q_len] int32: the prompt token each position predicts, vocab_size: none
 
 
 @dataclass(frozen=True)
@@ -153,6 +157,7 @@ class Buckets:
         tables = np.full((batch, self.pages_per_seq), TRASH_PAGE, np.int32)
         seq_lens = np.zeros(batch, np.int32)
         last = np.zeros(batch, np.int32)
+        targets = np.full((batch, q_len), vocab, np.int32)
         f = {
             "temperature": np.zeros(batch, np.float32),
             "top_k": np.zeros(batch, np.int32),
@@ -207,4 +212,6 @@ class Buckets:
                 f["only_listed"][i] = p.allowed_token_ids is not None
             if r.history is not None:
                 history[i, : len(r.history)] = r.history
-        return StepArrays(tokens, positions, slots, tables, seq_lens, last, f, history)
+            if r.prompt_targets is not None:
+                targets[i, :n] = [vocab if t is None else t for t in r.prompt_targets]
+        return StepArrays(tokens, positions, slots, tables, seq_lens, last, f, history, targets)

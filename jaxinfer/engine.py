@@ -24,7 +24,7 @@ from jaxinfer.exported_steps import exported_steps_dir
 from jaxinfer.kv_cache import plan_cache
 from jaxinfer.model_runner import ModelRunner, PendingStep
 from jaxinfer.outputs import CompletionOutput, RequestOutput, TokenLogprob
-from jaxinfer.sampler import SampleOutput
+from jaxinfer.sampler import PromptLogprobs, SampleOutput
 from jaxinfer.sampling_params import SamplingParams
 from jaxinfer.scheduler import Scheduler, SchedulerOutput
 from jaxinfer.sequence import FinishReason, Request, Sequence
@@ -125,6 +125,9 @@ class LLMEngine:
             raise ValueError(f"logit_bias token ids must be in [0, {vocab})")
         if params.allowed_token_ids and params.allowed_token_ids[-1] >= vocab:
             raise ValueError(f"allowed_token_ids must be in [0, {vocab})")
+        if params.prompt_logprobs is not None and self.buckets.prefill_lengths[0] < 2:
+            # Only prefill buckets longer than one token return prompt logprobs (decode steps do not).
+            raise ValueError("prompt_logprobs needs max_prefill_tokens >= 2")
         if params.stop and self.tokenizer is None:
             raise ValueError("stop strings need a tokenizer; this model has none")
         room = self.session_len - len(prompt)
@@ -184,11 +187,15 @@ class LLMEngine:
         start = seq.num_tokens if ahead else seq.num_computed
         p = seq.params
         banned = () if p.ignore_eos else tuple(self.eos_token_ids)
+        targets = None
+        prompt = seq.prompt_token_ids
+        if seq.request.scores_prompt and not ahead:
+            targets = [prompt[i + 1] if i + 1 < len(prompt) else None for i in range(start, start + n)]
         return StepRow(
             token_ids=(0,) if ahead else seq.token_ids[start : start + n], start=start, pages=seq.pages,
             sampling=p, seed=seq.seed, num_generated=len(seq.output_token_ids) + ahead,
             history=seq.token_ids if p.penalized and not ahead else None, prompt_len=len(seq.prompt_token_ids),
-            banned_ids=banned + p.stop_token_ids,
+            banned_ids=banned + p.stop_token_ids, prompt_targets=targets,
         )
 
     def step(self) -> list[RequestOutput]:
@@ -269,6 +276,8 @@ class LLMEngine:
         for seq, n, step, i in flight.rows:
             if seq.finished:
                 continue
+            if seq.request.scores_prompt:
+                self._append_prompt_logprobs(seq.request, seq.num_computed, n, step.prompt_result(), i)
             seq.num_computed += n
             self.block_manager.register_full_pages(seq.token_ids, seq.pages, seq.block_hashes, seq.num_computed)
             if seq.num_computed == seq.num_tokens:  # the last known token ran: the sample is new
@@ -279,6 +288,18 @@ class LLMEngine:
             if r.finished:
                 del self._requests[r.request_id]
         return outputs
+
+    @staticmethod
+    def _append_prompt_logprobs(request: Request, start: int, n: int, out: PromptLogprobs, row: int) -> None:
+        """Record the prompt logprobs a prefill row computed for its tokens ``start..start + n``:
+        position ``i`` scores prompt token ``i + 1``. A chunk recomputed after a preemption finds
+        its entries recorded already."""
+        k = request.params.prompt_logprobs
+        prompt = request.prompt_token_ids
+        for i in range(len(request.prompt_logprobs) - 1, min(start + n, len(prompt) - 1)):
+            j = i - start
+            top = [(int(t), float(lp)) for t, lp in zip(out.top_ids[row, j, :k], out.top_logprobs[row, j, :k])]
+            request.prompt_logprobs.append(TokenLogprob(prompt[i + 1], float(out.logprobs[row, j]), top))
 
     def _append(self, seq: Sequence, out: SampleOutput, row: int) -> None:
         token = int(out.tokens[row])
@@ -320,4 +341,5 @@ class LLMEngine:
             outputs=completions,
             finished=request.finished,
             num_cached_tokens=request.seqs[0].num_cached_tokens,
+            prompt_logprobs=None if request.prompt_logprobs is None else list(request.prompt_logprobs),
         )

@@ -7,7 +7,8 @@ from dataclasses import dataclass
 
 @dataclass
 class TokenLogprob:
-    """The raw logprob of a generated token and the most likely alternatives, best first."""
+    """The raw logprob of a token (generated, or of the prompt) and the most likely alternatives
+    at its position, best first."""
 
     token_id: int
     logprob: float
@@ -31,3 +32,5 @@ class RequestOutput:
     finished: bool
     prompt: str | None = None
     num_cached_tokens: int = 0  # prompt tokens served from the prefix cache
+    # With SamplingParams.prompt_logprobs: one entry per prompt token, None for the first (vLLM's shape).
+    prompt_logprobs: list[TokenLogprob | None] | None = None

@@ -108,6 +108,22 @@ class SampleOutput:
     top_logprobs: jax.Array
 
 
+@jax.tree_util.register_dataclass
+@dataclass(frozen=True)
+class PromptLogprobs:
+    """What a prefill step returns per position: the raw logprob of the prompt token it predicts
+    (zeros where it predicts none).
+
+    Attributes:
+      logprobs: ``[batch, q_len]`` float32.
+      top_ids, top_logprobs: ``[batch, q_len, MAX_LOGPROBS]`` the most likely tokens and their logprobs.
+    """
+
+    logprobs: jax.Array
+    top_ids: jax.Array
+    top_logprobs: jax.Array
+
+
 def greedy(logits: jax.Array) -> jax.Array:
     """First index of the row maximum, ``[batch, vocab] -> [batch]``.
 
@@ -289,7 +305,9 @@ def _choose(x: jax.Array, t: SamplingTensors) -> jax.Array:
     return jax.lax.cond(jnp.any(sampled), draw, lambda: greedy_tokens)
 
 
-def _logprobs(raw: jax.Array, tokens: jax.Array):
+def token_logprobs(raw: jax.Array, tokens: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Raw logits ``[rows, vocab]`` and a token per row -> its logprob ``[rows]``, and the
+    ``MAX_LOGPROBS`` most likely tokens ``[rows, MAX_LOGPROBS]`` with their logprobs."""
     shifted = raw - raw.max(axis=-1, keepdims=True)
     logp = shifted - jnp.log(row_sums(jnp.exp(shifted), CDF_CHUNK))[:, None]
     chosen = jnp.take_along_axis(logp, tokens[:, None], axis=1)[:, 0]
@@ -321,6 +339,6 @@ def sample(logits: jax.Array, t: SamplingTensors) -> SampleOutput:
         jnp.zeros((batch, MAX_LOGPROBS), jnp.float32),
     )
     chosen, top_ids, top_logprobs = jax.lax.cond(
-        jnp.any(t.num_logprobs >= 0), lambda: _logprobs(logits, tokens), lambda: none
+        jnp.any(t.num_logprobs >= 0), lambda: token_logprobs(logits, tokens), lambda: none
     )
     return SampleOutput(tokens, chosen, top_ids, top_logprobs)

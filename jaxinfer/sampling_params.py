@@ -37,6 +37,9 @@ class SamplingParams:
       stop_token_ids: tokens that end the request (besides EOS), not included in the text.
       ignore_eos: keep generating past EOS.
       logprobs: return the chosen token's logprob and this many top alternatives (0-20).
+      prompt_logprobs: return the logprob of every prompt token after the first, given the tokens
+        before it, and this many top alternatives (0-20). The prompt is then computed in full:
+        the prefix cache does not serve it.
       skip_special_tokens: leave special tokens out of the text.
       logit_bias: ``{token_id: bias}`` added to the raw logits before anything else (OpenAI's
         field; biases in [-100, 100], at most ``MAX_LOGIT_BIAS`` tokens). Kept as sorted
@@ -61,6 +64,7 @@ class SamplingParams:
     include_stop_str_in_output: bool = False
     ignore_eos: bool = False
     logprobs: int | None = None
+    prompt_logprobs: int | None = None
     skip_special_tokens: bool = True
     logit_bias: Mapping[int, float] | tuple[tuple[int, float], ...] = field(default_factory=tuple)
     allowed_token_ids: tuple[int, ...] | None = None
@@ -92,6 +96,8 @@ class SamplingParams:
             (self.seed is None or 0 <= self.seed < 2**63, f"seed must be a non-negative 64-bit integer, got {self.seed}"),
             (self.logprobs is None or 0 <= self.logprobs <= MAX_LOGPROBS,
              f"logprobs must be in [0, {MAX_LOGPROBS}], got {self.logprobs}"),
+            (self.prompt_logprobs is None or 0 <= self.prompt_logprobs <= MAX_LOGPROBS,
+             f"prompt_logprobs must be in [0, {MAX_LOGPROBS}], got {self.prompt_logprobs}"),
             (len(self.stop_token_ids) <= MAX_STOP_TOKEN_IDS, f"at most {MAX_STOP_TOKEN_IDS} stop_token_ids"),
             (all(isinstance(s, str) and s for s in stop), "stop strings must be non-empty strings"),
             (all(t >= 0 for t in self.stop_token_ids), "stop_token_ids must be non-negative"),

@@ -76,7 +76,10 @@ class Scheduler:
         self.waiting.appendleft(seq)
 
     def _admit(self, seq: Sequence) -> None:
-        pages, hashes = self.block_manager.match_prefix(seq.token_ids, force=seq.leader is not None)
+        if seq.request.scores_prompt:
+            pages, hashes = [], []
+        else:
+            pages, hashes = self.block_manager.match_prefix(seq.token_ids, force=seq.leader is not None)
         seq.pages, seq.block_hashes = pages, hashes
         seq.num_computed = len(pages) * self.block_manager.page_size
         if seq.admitted < 0:

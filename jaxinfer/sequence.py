@@ -19,12 +19,27 @@ class FinishReason(str, enum.Enum):
 
 @dataclass(eq=False)
 class Request:
-    """One prompt and its ``n`` sequences (completions)."""
+    """One prompt and its ``n`` sequences (completions).
+
+    Attributes:
+      prompt_logprobs: with ``params.prompt_logprobs``, the entries known so far, in prompt order
+        (None for the first token); complete once as long as the prompt.
+    """
 
     request_id: str
     prompt_token_ids: list[int]
     params: SamplingParams
     seqs: list["Sequence"] = field(default_factory=list)
+    prompt_logprobs: list[TokenLogprob | None] | None = None
+
+    def __post_init__(self):
+        if self.params.prompt_logprobs is not None:
+            self.prompt_logprobs = [None]
+
+    @property
+    def scores_prompt(self) -> bool:
+        """Whether prompt logprobs are still missing: the prompt must be computed, not cached."""
+        return self.prompt_logprobs is not None and len(self.prompt_logprobs) < len(self.prompt_token_ids)
 
     @property
     def finished(self) -> bool:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import json
 import logging
 import time
@@ -20,6 +21,7 @@ from aiohttp import web
 
 from jaxinfer.async_engine import AsyncLLM
 from jaxinfer.compilation import compilation_count
+from jaxinfer.outputs import RequestOutput
 from server import openai_protocol as proto
 from server.metrics import Counter, Gauge, Histogram, Registry
 from server.openai_protocol import ApiError, ParsedRequest
@@ -180,7 +182,7 @@ def create_app(llm: AsyncLLM, config: ServerConfig) -> web.Application:
                 if isinstance(item, ApiError):
                     raise item
                 unfinished -= item.finished
-                yield i, item
+                yield i, _without_generation(item) if parsed.echo_only else item
             await asyncio.gather(*tasks)
         finally:
             for t in tasks:
@@ -199,27 +201,41 @@ def create_app(llm: AsyncLLM, config: ServerConfig) -> web.Application:
                     return await stream_response(request, parsed, chat, first, stream)
                 n = parsed.params.n
                 choices: dict[int, _Choice] = {}
+                scored: dict[int, list] = {}  # prompt index -> its prompt logprobs (echo with logprobs)
                 async for i, out in _prepend(first, stream):
+                    if out.prompt_logprobs is not None:
+                        scored[i] = out.prompt_logprobs
                     for c in out.outputs:
                         choices.setdefault(i * n + c.index, _Choice()).add(c)
         return web.json_response({
             "id": proto.new_id("chatcmpl" if chat else "cmpl"),
             "object": "chat.completion" if chat else "text_completion",
             "created": proto.now(), "model": config.model_name,
-            "choices": [choice_body(parsed, chat, index, choices[index]) for index in sorted(choices)],
+            "choices": [choice_body(parsed, chat, index, choices[index], scored) for index in sorted(choices)],
             "usage": proto.usage(sum(len(p) for p in parsed.prompts), sum(len(c.token_ids) for c in choices.values())),
         })
 
-    def choice_body(parsed: ParsedRequest, chat: bool, index: int, c: _Choice) -> dict:
+    def choice_body(parsed: ParsedRequest, chat: bool, index: int, c: _Choice, scored: dict[int, list]) -> dict:
         wants_logprobs = parsed.top_logprobs is not None
         if chat:
             return {"index": index, "message": {"role": "assistant", "content": c.text},
                     "logprobs": proto.chat_logprobs(tokenizer, c.logprobs) if wants_logprobs else None,
                     "finish_reason": c.finish_reason}
-        prefix = (parsed.prompt_texts[index // parsed.params.n] or "") if parsed.echo else ""
-        return {"index": index, "text": prefix + c.text,
-                "logprobs": proto.completion_logprobs(tokenizer, c.logprobs, len(prefix)) if wants_logprobs else None,
-                "finish_reason": c.finish_reason}
+        text, lp = completion_part(parsed, index // parsed.params.n, c.text, c.logprobs, 0, True, scored)
+        return {"index": index, "text": text, "logprobs": lp, "finish_reason": c.finish_reason}
+
+    def completion_part(parsed: ParsedRequest, i: int, text: str, entries: list, offset: int, first: bool,
+                        scored: dict[int, list]) -> tuple[str, dict | None]:
+        """A completion's text and logprobs (from ``offset`` in its text), with prompt ``i``'s text
+        and prompt logprobs before them when the request echoes and this is the ``first`` part."""
+        first_token = None
+        if parsed.echo and first:
+            text = parsed.prompt_texts[i] + text
+            if parsed.top_logprobs is not None:
+                entries, first_token = scored[i][1:] + entries, parsed.prompts[i][0]
+        if parsed.top_logprobs is None or not entries and first_token is None:
+            return text, None
+        return text, proto.completion_logprobs(tokenizer, entries, offset, first_token)
 
     async def stream_response(request, parsed: ParsedRequest, chat: bool, first, stream) -> web.StreamResponse:
         n = parsed.params.n
@@ -241,9 +257,12 @@ def create_app(llm: AsyncLLM, config: ServerConfig) -> web.Application:
             await send(chunk([{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
                                "finish_reason": None} for i in range(n * len(parsed.prompts))]))
         offsets: dict[int, int] = {}
+        scored: dict[int, list] = {}
         tokens = 0
         try:
             async for i, out in _prepend(first, stream):
+                if out.prompt_logprobs is not None:
+                    scored[i] = out.prompt_logprobs
                 choices = []
                 for c in out.outputs:
                     index = i * n + c.index
@@ -255,10 +274,10 @@ def create_app(llm: AsyncLLM, config: ServerConfig) -> web.Application:
                         choices.append({"index": index, "delta": {"content": c.text} if c.text else {},
                                         "logprobs": lp, "finish_reason": c.finish_reason})
                     else:
-                        if parsed.top_logprobs is not None and c.logprobs:
-                            lp = proto.completion_logprobs(tokenizer, c.logprobs, offsets.get(index, 0))
-                        offsets[index] = offsets.get(index, 0) + len(c.text)
-                        choices.append({"index": index, "text": c.text, "logprobs": lp, "finish_reason": c.finish_reason})
+                        offset = offsets.get(index, 0)
+                        text, lp = completion_part(parsed, i, c.text, c.logprobs or [], offset, index not in offsets, scored)
+                        offsets[index] = offset + len(text)
+                        choices.append({"index": index, "text": text, "logprobs": lp, "finish_reason": c.finish_reason})
                 await send(chunk(choices))
         except ApiError as e:  # a later prompt of a multi-prompt request was refused mid-stream
             await send(e.body())
@@ -344,6 +363,15 @@ def create_app(llm: AsyncLLM, config: ServerConfig) -> web.Application:
     app[ADMISSION] = admission
     app[MODEL_NAME] = config.model_name
     return app
+
+
+def _without_generation(out: RequestOutput) -> RequestOutput:
+    """An echo-only request's output: the one token the engine generated is not part of the answer."""
+    return dataclasses.replace(out, outputs=[
+        dataclasses.replace(c, text="", token_ids=[], logprobs=None if c.logprobs is None else [],
+                            finish_reason=c.finish_reason and "length")
+        for c in out.outputs
+    ])
 
 
 async def _prepend(first, stream):

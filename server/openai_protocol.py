@@ -134,9 +134,11 @@ class ParsedRequest:
     include_usage: bool
     top_logprobs: int | None  # chat: None unless `logprobs: true`
     echo: bool = False
+    echo_only: bool = False  # echo with max_tokens 0: the prompt is scored, nothing is generated
 
 
-def _sampling(body: dict, limits: Limits, prompt_len: int, max_tokens: int | None, logprobs: int | None) -> SamplingParams:
+def _sampling(body: dict, limits: Limits, prompt_len: int, max_tokens: int | None, logprobs: int | None,
+              prompt_logprobs: int | None = None) -> SamplingParams:
     n = get_field(body, "n", int, 1, lo=1, hi=MAX_N)
     best_of = get_field(body, "best_of", int, n, lo=1)
     if best_of != n:
@@ -177,6 +179,7 @@ def _sampling(body: dict, limits: Limits, prompt_len: int, max_tokens: int | Non
         include_stop_str_in_output=get_field(body, "include_stop_str_in_output", bool, False),
         ignore_eos=get_field(body, "ignore_eos", bool, False),
         logprobs=logprobs,
+        prompt_logprobs=prompt_logprobs,
         skip_special_tokens=get_field(body, "skip_special_tokens", bool, True),
         logit_bias=_logit_bias(body, limits.vocab_size),
         allowed_token_ids=_allowed_token_ids(body, limits.vocab_size),
@@ -269,16 +272,20 @@ def parse_completion(body: Any, tokenizer, limits: Limits) -> ParsedRequest:
         if not ids:
             raise bad("the prompt is empty", "prompt")
         prompts.append(ids)
-    max_tokens = get_field(body, "max_tokens", int, 16, lo=1)
-    logprobs = get_field(body, "logprobs", int, None, lo=0, hi=MAX_COMPLETION_LOGPROBS)
     echo = get_field(body, "echo", bool, False)
-    if echo and logprobs is not None:
-        raise bad("'echo' together with 'logprobs' (prompt logprobs) is not supported", "echo")
+    # echo with max_tokens 0 is the legacy API's way to score a text (lm-eval's loglikelihood):
+    # the engine still generates one token (it always does), which the response leaves out, as vLLM does.
+    max_tokens = get_field(body, "max_tokens", int, 16, lo=0 if echo else 1)
+    logprobs = get_field(body, "logprobs", int, None, lo=0, hi=MAX_COMPLETION_LOGPROBS)
+    if echo:
+        texts = [t if t is not None else tokenizer.decode(ids, skip_special_tokens=False) if tokenizer else ""
+                 for t, ids in zip(texts, prompts)]
     stream = get_field(body, "stream", bool, False)
-    params = _sampling(body, limits, max(len(p) for p in prompts), max_tokens, logprobs)
+    params = _sampling(body, limits, max(len(p) for p in prompts), max(max_tokens, 1), logprobs,
+                       prompt_logprobs=logprobs if echo else None)
     return ParsedRequest(
         prompts=prompts, prompt_texts=texts, params=params, stream=stream,
-        include_usage=_stream_options(body, stream), top_logprobs=logprobs, echo=echo,
+        include_usage=_stream_options(body, stream), top_logprobs=logprobs, echo=echo, echo_only=max_tokens == 0,
     )
 
 
@@ -336,8 +343,17 @@ def chat_logprobs(tokenizer, entries: list[TokenLogprob]) -> dict:
     ]}
 
 
-def completion_logprobs(tokenizer, entries: list[TokenLogprob], offset: int) -> dict:
+def completion_logprobs(tokenizer, entries: list[TokenLogprob], offset: int, first_token: int | None = None) -> dict:
+    """The legacy API's logprobs of ``entries`` whose text starts at ``offset``; ``first_token``:
+    an echoed prompt's first token, which has no logprob, put before them."""
     tokens, token_logprobs, top, offsets = [], [], [], []
+    if first_token is not None:
+        text = _token_text(tokenizer, first_token)
+        tokens.append(text)
+        token_logprobs.append(None)
+        top.append(None)
+        offsets.append(offset)
+        offset += len(text)
     for e in entries:
         text = _token_text(tokenizer, e.token_id)
         tokens.append(text)

@@ -12,6 +12,7 @@ from tiny_models import build_tiny
 from converters.loader import load_model
 from jaxinfer import LLM, SamplingParams
 from jaxinfer.compilation import compilation_count
+from jaxinfer.engine import LLMEngine
 
 GREEDY = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
 SMALL = dict(max_batch_size=4, max_prefill_tokens=32, cache_block_seq_len=16, cache_max_entry_count=128)
@@ -45,11 +46,14 @@ def test_serving_after_warmup_compiles_nothing(llm):
         SamplingParams(temperature=float(rng.choice([0, 0.7, 1.2])), top_k=int(rng.choice([0, 5])),
                        top_p=float(rng.choice([1.0, 0.9])), max_tokens=int(rng.integers(1, 30)), ignore_eos=True,
                        logit_bias={int(rng.integers(0, 256)): 2.0} if rng.random() < 0.5 else None,
-                       allowed_token_ids=rng.integers(0, 256, 5).tolist() if rng.random() < 0.3 else None)
+                       allowed_token_ids=rng.integers(0, 256, 5).tolist() if rng.random() < 0.3 else None,
+                       prompt_logprobs=int(rng.integers(0, 4)) if rng.random() < 0.4 else None)
         for _ in range(12)
     ]
     outs = llm.generate(prompts(12, seed=1), params)
     assert [len(o.outputs[0].token_ids) for o in outs] == [p.max_tokens for p in params]
+    assert [o.prompt_logprobs and len(o.prompt_logprobs) for o in outs] == \
+        [p.prompt_logprobs is not None and len(o.prompt_token_ids) or None for p, o in zip(params, outs)]
     assert compilation_count() == before
 
 
@@ -192,6 +196,27 @@ def test_preemption_recomputes_and_changes_nothing(tiny, llm):
     got = texts(tight.generate(ps, params))
     assert tight.engine.stats.preemptions > 0
     assert got == roomy
+    tight.engine.block_manager.check_no_leaks()
+
+
+def test_a_prompt_preempted_midway_records_its_logprobs_once(tiny, llm, monkeypatch):
+    # 10 pages of 16 tokens: the scored 120-token prompt, prefilled 16 tokens a step, holds 7 of
+    # them when the decoding request needs another page, and is preempted midway, twice.
+    ps = [list(range(3, 33)), prompts(1, seed=9, lo=120, hi=121)[0]]
+    params = [dataclasses.replace(GREEDY, max_tokens=40), dataclasses.replace(GREEDY, max_tokens=4, prompt_logprobs=1)]
+    recorded = []
+    append = LLMEngine._append_prompt_logprobs
+    monkeypatch.setattr(LLMEngine, "_append_prompt_logprobs", staticmethod(
+        lambda request, start, *a: recorded.append((len(request.prompt_logprobs), start)) or append(request, start, *a)))
+    tight = LLM(tiny, warmup=False, **{**SMALL, "cache_max_entry_count": 10, "max_prefill_tokens": 16})
+    got = tight.generate(ps, params)[1]
+    assert any(known > start + 1 for known, start in recorded)  # a chunk recomputed after a preemption
+    want = llm.generate(ps, params)[1]
+    assert got.outputs[0].token_ids == want.outputs[0].token_ids
+    assert [e and (e.token_id, e.top[0][0]) for e in got.prompt_logprobs] == \
+        [e and (e.token_id, e.top[0][0]) for e in want.prompt_logprobs]
+    np.testing.assert_allclose([e.logprob for e in got.prompt_logprobs[1:]], [e.logprob for e in want.prompt_logprobs[1:]],
+                               atol=1e-5)
     tight.engine.block_manager.check_no_leaks()
 
 

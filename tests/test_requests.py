@@ -99,6 +99,28 @@ def test_logprobs_are_those_of_the_model(llm, tiny):
     assert llm.generate([prompt], GREEDY)[0].outputs[0].logprobs is None
 
 
+def test_prompt_logprobs_are_those_of_the_model_even_when_the_prompt_is_cached(tiny):
+    loaded, torch_model = tiny
+    llm = LLM(loaded, warmup=False, enable_prefix_caching=True, **SMALL)
+    prompt = np.random.default_rng(8).integers(3, 256, 70).tolist()  # 3 prefill chunks of <= 32
+    llm.generate([prompt], GREEDY)  # its 4 full pages are now cached
+    other = list(range(40, 60))
+    before = llm.engine.stats.prefill_tokens
+    scored, plain = llm.generate([prompt, other], [dataclasses.replace(GREEDY, n=2, prompt_logprobs=3), GREEDY])
+    assert llm.engine.stats.prefill_tokens - before == 70 + (70 - 64) + 20  # scored whole; the 2nd completion shares it
+    assert plain.prompt_logprobs is None and scored.outputs[0].token_ids == scored.outputs[1].token_ids
+    with torch.no_grad():
+        logp = torch.log_softmax(torch_model(torch.tensor([prompt])).logits[0].double(), -1).numpy()
+    entries = scored.prompt_logprobs
+    assert len(entries) == len(prompt) and entries[0] is None
+    for i, e in enumerate(entries[1:], 1):
+        assert e.token_id == prompt[i]
+        np.testing.assert_allclose(e.logprob, logp[i - 1, prompt[i]], atol=1e-4)
+        assert [t for t, _ in e.top] == list(np.argsort(-logp[i - 1])[:3])
+        np.testing.assert_allclose([lp for _, lp in e.top], np.sort(logp[i - 1])[::-1][:3], atol=1e-4)
+    llm.engine.block_manager.check_no_leaks()
+
+
 def test_min_tokens_defers_eos(tiny):
     loaded, _ = tiny
     probe = LLM(loaded, warmup=False, **SMALL)
@@ -190,7 +212,7 @@ def test_async_deltas_add_up_to_the_offline_result(tiny):
     loaded, _ = tiny
     offline = LLM(loaded, warmup=False, **SMALL)
     prompts = [[4, 5, 6], list(range(10, 50))]
-    p = dataclasses.replace(GREEDY, n=2, logprobs=1)
+    p = dataclasses.replace(GREEDY, n=2, logprobs=1, prompt_logprobs=2)
     want = offline.generate(prompts, p)
     engine = LLM(loaded, warmup=False, **SMALL).engine
     llm = AsyncLLM(engine)
@@ -199,6 +221,7 @@ def test_async_deltas_add_up_to_the_offline_result(tiny):
         got = {0: [], 1: []}
         reasons = {}
         async for delta in llm.generate(prompt, p):
+            got.setdefault("prompt", []).append(delta.prompt_logprobs)
             for c in delta.outputs:
                 got[c.index] += c.token_ids
                 assert len(c.logprobs) == len(c.token_ids)
@@ -215,6 +238,8 @@ def test_async_deltas_add_up_to_the_offline_result(tiny):
     for (got, reasons), w in zip(results, want):
         assert [got[0], got[1]] == [w.outputs[0].token_ids, w.outputs[1].token_ids]
         assert reasons == {0: "length", 1: "length"}
+        first, *rest = got["prompt"]  # the prompt logprobs come once, with the first delta
+        assert first == w.prompt_logprobs and len(first) == len(w.prompt_token_ids) and not any(rest)
     engine.block_manager.check_no_leaks()
 
 

@@ -15,6 +15,7 @@ import threading
 import time
 
 import aiohttp
+import numpy as np
 import openai
 import pytest
 import requests
@@ -26,6 +27,7 @@ from jaxinfer.async_engine import AsyncLLM
 from jaxinfer.compilation import compilation_count
 from jaxinfer.engine import LLMEngine
 from jaxinfer.engine_config import EngineConfig
+from jaxinfer.scoring import sequence_logits
 from server.app import ADMISSION, ServerConfig, create_app
 
 ENGINE = dict(max_batch_size=8, max_prefill_tokens=64, cache_block_seq_len=16, cache_max_entry_count=512,
@@ -151,6 +153,41 @@ def test_completions_text_tokens_n_logprobs_echo(client, engine):
     settle(engine)
 
 
+def test_completions_echo_with_logprobs_scores_the_prompt(client, engine, tiny_chat_model):
+    """The legacy API's scoring call (lm-eval's loglikelihood): echo + logprobs gives every prompt
+    token's logprob; with max_tokens 0 nothing is generated."""
+    text = "The lighthouse keeper climbed the stairs"
+    ids = engine.tokenizer.encode(text)
+    m = load_model(tiny_chat_model)
+    logits = sequence_logits(m.config, m.params, [ids])[0]
+    logp = logits - logits.max(-1, keepdims=True)
+    logp -= np.log(np.exp(logp).sum(-1, keepdims=True))
+    r = client.completions.create(model=MODEL, prompt=text, max_tokens=3, temperature=0, logprobs=2, echo=True,
+                                  extra_body={"ignore_eos": True})
+    lp = r.choices[0].logprobs
+    assert r.choices[0].text.startswith(text) and r.usage.completion_tokens == 3
+    assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.top_logprobs) == len(ids) + 3
+    assert lp.token_logprobs[0] is None and lp.top_logprobs[0] is None
+    np.testing.assert_allclose(lp.token_logprobs[1 : len(ids)], [logp[i - 1, ids[i]] for i in range(1, len(ids))],
+                               atol=1e-4)
+    assert all(len(top) == 2 for top in lp.top_logprobs[1:])
+    assert "".join(lp.tokens[: len(ids)]) == engine.tokenizer.decode(ids, skip_special_tokens=False)
+
+    scored = client.completions.create(model=MODEL, prompt=[ids], max_tokens=0, temperature=0, logprobs=1, echo=True)
+    c = scored.choices[0]
+    assert c.text == text and c.finish_reason == "length" and scored.usage.completion_tokens == 0
+    assert c.logprobs.tokens == lp.tokens[: len(ids)]
+    np.testing.assert_allclose(c.logprobs.token_logprobs[1:], lp.token_logprobs[1 : len(ids)], atol=1e-5)
+
+    chunks = list(client.completions.create(model=MODEL, prompt=text, max_tokens=3, temperature=0, logprobs=2,
+                                            echo=True, stream=True, extra_body={"ignore_eos": True}))
+    assert "".join(ch.choices[0].text for ch in chunks) == r.choices[0].text
+    streamed = [x for ch in chunks if ch.choices[0].logprobs for x in ch.choices[0].logprobs.token_logprobs]
+    assert streamed[0] is None
+    np.testing.assert_allclose(streamed[1:], lp.token_logprobs[1:], atol=1e-5)
+    settle(engine)
+
+
 def test_chat_logprobs(client, engine):
     r = client.chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=4, temperature=0, logprobs=True,
                                        top_logprobs=3)
@@ -244,6 +281,7 @@ def test_disconnected_stream_is_cancelled(server, engine):
     ("/v1/chat/completions", json.dumps({"messages": MESSAGES, "top_logprobs": 3}).encode(), 400, "top_logprobs"),
     ("/v1/chat/completions", json.dumps({"messages": MESSAGES, "stop": ["a", "b", "c", "d", "e"]}).encode(), 400, "stop"),
     ("/v1/completions", json.dumps({"prompt": "x", "logprobs": 9}).encode(), 400, "logprobs"),
+    ("/v1/completions", json.dumps({"prompt": "x", "max_tokens": 0}).encode(), 400, "max_tokens"),
     ("/v1/completions", json.dumps({"prompt": [1, -5]}).encode(), 400, "prompt"),
     ("/v1/completions", json.dumps({"prompt": ""}).encode(), 400, "prompt"),
     ("/v1/completions", json.dumps({"prompt": "x", "logit_bias": [1, 2]}).encode(), 400, "logit_bias"),
