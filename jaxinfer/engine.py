@@ -188,8 +188,8 @@ class LLMEngine:
         p = seq.params
         banned = () if p.ignore_eos else tuple(self.eos_token_ids)
         targets = None
-        prompt = seq.prompt_token_ids
         if seq.request.scores_prompt and not ahead:
+            prompt = seq.prompt_token_ids
             targets = [prompt[i + 1] if i + 1 < len(prompt) else None for i in range(start, start + n)]
         return StepRow(
             token_ids=(0,) if ahead else seq.token_ids[start : start + n], start=start, pages=seq.pages,

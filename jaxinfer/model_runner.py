@@ -2,10 +2,10 @@
 
 The step is one pure function ``(params, cache, inputs) -> (next tokens, cache)``: embed, all
 layers over the paged cache, logits of each row's last token, sampling. Prefill steps also
-return the logprobs of the prompt tokens their positions predict, computed only when a row asks. The cache is donated, so
-XLA updates the page pools in place. Warm-up compiles it for every shape bucket, from the traced
-programs an earlier start saved when it can (``jaxinfer.exported_steps``); a shape not warmed up
-is traced and compiled by ``jax.jit`` when first run.
+return the logprobs of the prompt tokens their positions predict, computed only when a row asks.
+The cache is donated, so XLA updates the page pools in place. Warm-up compiles it for every shape
+bucket, from the traced programs an earlier start saved when it can (``jaxinfer.exported_steps``);
+a shape not warmed up is traced and compiled by ``jax.jit`` when first run.
 """
 
 from __future__ import annotations
