@@ -59,6 +59,8 @@ class StepRow:
       banned_ids: token ids impossible while ``num_generated < sampling.min_tokens``.
       prompt_targets: when the request wants prompt logprobs, the token each of ``token_ids``
         predicts (the next prompt token), or None where that is not a prompt token.
+      token_mask: with guided decoding, the tokens the row may sample (``[mask_words]`` int32
+        bitmask: bit ``t % 32`` of word ``t // 32`` for token ``t``).
     """
 
     token_ids: Sequence[int]
@@ -71,12 +73,13 @@ class StepRow:
     prompt_len: int = 0
     banned_ids: Sequence[int] = ()
     prompt_targets: Sequence[int | None] | None = None
+    token_mask: np.ndarray | None = None
 
 
 @dataclass(frozen=True)
 class StepArrays:
-    """Host arrays of one padded step; ``history`` is None when no row has penalties (the runner
-    then passes a constant array of the same shape)."""
+    """Host arrays of one padded step; ``history`` is None when no row has penalties, and
+    ``token_mask`` when no row is guided (the runner then passes constant arrays of their shapes)."""
 
     tokens: np.ndarray  # [batch, q_len] int32 (a device array when fed from the step before)
     positions: np.ndarray  # [batch, q_len] int32
@@ -87,6 +90,7 @@ class StepArrays:
     sampling: dict[str, np.ndarray]  # the fields of jaxinfer.sampler.SamplingTensors
     history: np.ndarray | None  # [batch, history_len] int32
     prompt_targets: np.ndarray  # [batch, q_len] int32: the prompt token each position predicts, vocab_size: none
+    token_mask: np.ndarray | None  # [batch, mask_words] int32 bitmask of the tokens each row may sample
 
 
 @dataclass(frozen=True)
@@ -114,6 +118,11 @@ class Buckets:
     @property
     def history_len(self) -> int:
         return self.pages_per_seq * self.page_size
+
+    @property
+    def mask_words(self) -> int:
+        """int32 words of a row's token bitmask."""
+        return -(-self.vocab_size // 32)
 
     def all_shapes(self) -> list[tuple[int, int]]:
         """Every ``(batch, q_len)`` the engine can run: what warm-up compiles."""
@@ -175,10 +184,14 @@ class Buckets:
             "bias_ids": np.full((batch, MAX_LOGIT_BIAS), vocab, np.int32),
             "bias_values": np.zeros((batch, MAX_LOGIT_BIAS), np.float32),
             "only_listed": np.zeros(batch, bool),
+            "guided": np.zeros(batch, bool),
         }
         history = None
         if any(r is not None and r.history is not None for r in rows):
             history = np.full((batch, self.history_len), vocab, np.int32)
+        token_mask = None
+        if any(r is not None and r.token_mask is not None for r in rows):
+            token_mask = np.full((batch, self.mask_words), -1, np.int32)
         for i, r in enumerate(rows):
             if r is None:
                 continue
@@ -214,4 +227,7 @@ class Buckets:
                 history[i, : len(r.history)] = r.history
             if r.prompt_targets is not None:
                 targets[i, :n] = [vocab if t is None else t for t in r.prompt_targets]
-        return StepArrays(tokens, positions, slots, tables, seq_lens, last, f, history, targets)
+            if r.token_mask is not None:
+                token_mask[i] = r.token_mask
+                f["guided"][i] = True
+        return StepArrays(tokens, positions, slots, tables, seq_lens, last, f, history, targets, token_mask)

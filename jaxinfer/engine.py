@@ -14,6 +14,8 @@ import secrets
 from dataclasses import dataclass
 from typing import Any, Sequence as Seq
 
+import numpy as np
+
 from jaxinfer.block_manager import BlockManager
 from jaxinfer.buckets import MAX_EOS_IDS, Buckets, StepRow
 from jaxinfer.compilation import enable_persistent_cache, install_counter
@@ -21,6 +23,7 @@ from jaxinfer.config import ModelConfig, kv_cache_dtype
 from jaxinfer.detokenizer import IncrementalDetokenizer
 from jaxinfer.engine_config import EngineConfig
 from jaxinfer.exported_steps import exported_steps_dir
+from jaxinfer.guided_decoding import Grammars, fill_mask
 from jaxinfer.kv_cache import plan_cache
 from jaxinfer.model_runner import ModelRunner, PendingStep
 from jaxinfer.outputs import CompletionOutput, RequestOutput, TokenLogprob
@@ -106,6 +109,7 @@ class LLMEngine:
         self.stats = EngineStats()
         self._requests: dict[str, Request] = {}
         self._in_flight: _InFlight | None = None
+        self._grammars = Grammars(tokenizer, model_config.vocab_size) if tokenizer else None
         if warmup:
             self.runner.warmup(progress)
 
@@ -130,6 +134,12 @@ class LLMEngine:
             raise ValueError("prompt_logprobs needs max_prefill_tokens >= 2")
         if params.stop and self.tokenizer is None:
             raise ValueError("stop strings need a tokenizer; this model has none")
+        guided = params.guided_decoding
+        if guided is not None and self._grammars is None:
+            raise ValueError("guided decoding needs a tokenizer; this model has none")
+        if guided is not None and params.min_tokens:
+            # min_tokens bans EOS where the grammar may allow nothing else
+            raise ValueError("min_tokens cannot be combined with guided decoding")
         room = self.session_len - len(prompt)
         if room < 1:
             raise ValueError(f"the prompt has {len(prompt)} tokens; the session length is {self.session_len}")
@@ -145,6 +155,8 @@ class LLMEngine:
                 f"prompt + max_tokens = {total} tokens can never fit in the KV cache "
                 f"({self.cache_plan.capacity_tokens} tokens)"
             )
+        # One matcher per completion, made before anything is queued: a bad grammar raises here.
+        matchers = [self._grammars.matcher(guided) if guided is not None else None for _ in range(params.n)]
         base_seed = params.seed if params.seed is not None else secrets.randbits(63)
         request = Request(request_id, prompt, params)
         for i in range(params.n):
@@ -152,6 +164,7 @@ class LLMEngine:
             detok = IncrementalDetokenizer(self.tokenizer, prompt, params.skip_special_tokens) if self.tokenizer else None
             leader = request.seqs[0] if i else None
             seq = Sequence(request, i, max_tokens, (seed >> 32, seed & 0xFFFFFFFF), detok, leader)
+            seq.matcher = matchers[i]
             request.seqs.append(seq)
             self.scheduler.add(seq)
         self._requests[request_id] = request
@@ -187,6 +200,10 @@ class LLMEngine:
         start = seq.num_tokens if ahead else seq.num_computed
         p = seq.params
         banned = () if p.ignore_eos else tuple(self.eos_token_ids)
+        mask = None
+        if seq.matcher is not None and start + n == seq.num_tokens:  # the row samples seq's next token
+            mask = np.empty(self.buckets.mask_words, np.int32)
+            fill_mask(seq.matcher, mask)
         targets = None
         if seq.request.scores_prompt and not ahead:
             prompt = seq.prompt_token_ids
@@ -195,7 +212,7 @@ class LLMEngine:
             token_ids=(0,) if ahead else seq.token_ids[start : start + n], start=start, pages=seq.pages,
             sampling=p, seed=seq.seed, num_generated=len(seq.output_token_ids) + ahead,
             history=seq.token_ids if p.penalized and not ahead else None, prompt_len=len(seq.prompt_token_ids),
-            banned_ids=banned + p.stop_token_ids, prompt_targets=targets,
+            banned_ids=banned + p.stop_token_ids, prompt_targets=targets, token_mask=mask,
         )
 
     def step(self) -> list[RequestOutput]:
@@ -247,13 +264,13 @@ class LLMEngine:
         """The decode step after ``flight``, dispatched before ``flight``'s tokens are read, or None
         when the next step is not a plain continuation: ``flight`` prefilled, some running sequence
         was not in it, a waiting sequence could be admitted, a row needs its token history
-        (penalties), or pages would have to be preempted. Rows whose sequence ends with ``flight``'s
+        (penalties) or its grammar's mask (guided decoding), or pages would have to be preempted. Rows whose sequence ends with ``flight``'s
         token (its length limit) stay in the batch as padding, so that every row keeps its place."""
         if flight.decode_only is None:
             return None
         slots, previous = flight.decode_only
         live = [s for s in slots if s is not None and not s.finished]
-        if len(live) != len(self.scheduler.running) or any(s.params.penalized for s in live):
+        if len(live) != len(self.scheduler.running) or any(s.params.penalized or s.matcher for s in live):
             return None
         going = {s for s in live  # those that go on after flight's token
                  if len(s.output_token_ids) + 1 < s.max_tokens and s.num_tokens + 1 < self.session_len}
@@ -305,6 +322,9 @@ class LLMEngine:
         token = int(out.tokens[row])
         p = seq.params
         seq.output_token_ids.append(token)
+        if seq.matcher is not None and not seq.matcher.consume_token(token):
+            logger.warning("request %s: the sampled token %d is outside its grammar (%s); stopping it",
+                           seq.request_id, token, seq.matcher.get_error())
         if p.logprobs is not None:
             top = [(int(t), float(lp)) for t, lp in zip(out.top_ids[row, : p.logprobs], out.top_logprobs[row, : p.logprobs])]
             seq.output_logprobs.append(TokenLogprob(token, float(out.logprobs[row]), top))
@@ -321,6 +341,8 @@ class LLMEngine:
                     seq.finish_reason = FinishReason.STOP
             if not seq.finished and (len(seq.output_token_ids) >= seq.max_tokens or seq.num_tokens >= self.session_len):
                 seq.finish_reason = FinishReason.LENGTH
+        if not seq.finished and seq.matcher is not None and (seq.matcher.is_stopped() or seq.matcher.is_error()):
+            seq.finish_reason = FinishReason.STOP  # the output is complete: the grammar takes no more
         if seq.finished:
             if seq.detokenizer and seq.final_text is None:
                 seq.detokenizer.flush()

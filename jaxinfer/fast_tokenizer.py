@@ -65,6 +65,10 @@ class FastTokenizer:
         self.chat_template = chat_template
         self._template = None  # compiled on first use
 
+    @property
+    def backend(self) -> tokenizers.Tokenizer:
+        return self._backend
+
     def __len__(self) -> int:
         return self._backend.get_vocab_size(with_added_tokens=True)
 

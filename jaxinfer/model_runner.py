@@ -168,6 +168,7 @@ class ModelRunner:
         self._exported_steps = exported_steps
         self._warm_steps: dict[tuple[int, int], jax.stages.Compiled] = {}  # bucket shape -> compiled by warm-up
         self._no_history: dict[int, jax.Array] = {}  # per batch size: the all-padding history
+        self._no_mask: dict[int, jax.Array] = {}  # per batch size: a token mask allowing every token
         self._feed = jax.jit(_feed_tokens)
         self._warm_feeds: dict[int, jax.stages.Compiled] = {}  # decode batch size -> compiled by warm-up
 
@@ -201,13 +202,18 @@ class ModelRunner:
         meta = AttentionMetadata(
             positions=a.positions, slot_mapping=a.slot_mapping, block_tables=a.block_tables, seq_lens=a.seq_lens
         )
-        history = a.history
+        batch = a.tokens.shape[0]
+        history, token_mask = a.history, a.token_mask
         if history is None:
-            batch = a.tokens.shape[0]
             if batch not in self._no_history:
                 self._no_history[batch] = jnp.full((batch, self.buckets.history_len), self.buckets.vocab_size, jnp.int32)
             history = self._no_history[batch]
-        return a.tokens, meta, a.logits_indices, SamplingTensors(history=history, **a.sampling), a.prompt_targets
+        if token_mask is None:
+            if batch not in self._no_mask:
+                self._no_mask[batch] = jnp.full((batch, self.buckets.mask_words), -1, jnp.int32)
+            token_mask = self._no_mask[batch]
+        sampling = SamplingTensors(history=history, token_mask=token_mask, **a.sampling)
+        return a.tokens, meta, a.logits_indices, sampling, a.prompt_targets
 
     def warmup(self, progress: bool = True) -> None:
         """Compile every bucket shape (and each decode bucket's token feed) ahead of time, running

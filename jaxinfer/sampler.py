@@ -11,8 +11,8 @@ rejection (``_rejection_draw``), which needs no top-k or top-p threshold. A draw
 inverse-CDF lookup with a single uniform number, in two levels (chunk, then token) so that no
 cumulative sum runs over the whole vocabulary.
 
-Order, as in vLLM: allowed tokens, logit bias and penalties on the raw logits, min-token bans,
-temperature, filtering, draw. Logprobs are those of the raw model distribution.
+Order, as in vLLM: allowed tokens, logit bias, the guided-decoding mask and penalties on the raw
+logits, min-token bans, temperature, filtering, draw. Logprobs are those of the raw model distribution.
 
 Every sum and prefix sum over the vocabulary is ``jaxinfer.reductions``' fixed-order one, so a
 row's threshold, draws and logprobs are bit for bit the same whatever else shares its batch.
@@ -70,6 +70,9 @@ class SamplingTensors:
         and the float32 biases added to their logits (``SamplingParams.listed_tokens``).
       only_listed: ``[batch]`` bool every token outside ``bias_ids`` is banned
         (``allowed_token_ids``).
+      guided: ``[batch]`` bool the row may only sample the tokens of its ``token_mask``.
+      token_mask: ``[batch, ceil(vocab / 32)]`` int32 bitmask (bit ``t % 32`` of word ``t // 32``
+        for token ``t``; guided decoding), read where ``guided`` is set.
     """
 
     temperature: jax.Array
@@ -89,6 +92,8 @@ class SamplingTensors:
     bias_ids: jax.Array
     bias_values: jax.Array
     only_listed: jax.Array
+    guided: jax.Array
+    token_mask: jax.Array
 
 
 @jax.tree_util.register_dataclass
@@ -162,6 +167,13 @@ def _add_logit_bias(x: jax.Array, t: SamplingTensors) -> jax.Array:
     listed = x.at[rows, t.bias_ids].get(mode="fill", fill_value=-jnp.inf)
     banned = jnp.where(t.only_listed[:, None], -jnp.inf, x)
     return banned.at[rows, t.bias_ids].set(listed + t.bias_values, mode="drop")
+
+
+def _apply_token_mask(x: jax.Array, t: SamplingTensors) -> jax.Array:
+    batch, vocab = x.shape
+    bits = (t.token_mask[:, :, None] >> jnp.arange(32, dtype=jnp.int32)) & 1  # [batch, words, 32]
+    allowed = bits.reshape(batch, -1)[:, :vocab] == 1
+    return jnp.where(t.guided[:, None] & ~allowed, -jnp.inf, x)
 
 
 def _ban_stop_ids(x: jax.Array, t: SamplingTensors) -> jax.Array:
@@ -325,13 +337,14 @@ def sample(logits: jax.Array, t: SamplingTensors) -> SampleOutput:
 
     def staged():
         x = jax.lax.cond(jnp.any(biased), lambda: _add_logit_bias(logits, t), lambda: logits)
+        x = jax.lax.cond(jnp.any(t.guided), lambda: _apply_token_mask(x, t), lambda: x)
         x = jax.lax.cond(jnp.any(penalized), lambda: _apply_penalties(x, t), lambda: x)
         x = jax.lax.cond(jnp.any(t.step < t.min_tokens), lambda: _ban_stop_ids(x, t), lambda: x)
         return _choose(x, t)
 
     # An all-greedy batch with nothing to apply (benchmarks, most chat turns at temperature 0)
     # skips the stages, whose untaken branches still copy the logits (~1 ms at 32 x 49152).
-    plain = ~jnp.any(biased | penalized | (t.step < t.min_tokens) | (t.temperature > 0))
+    plain = ~jnp.any(biased | t.guided | penalized | (t.step < t.min_tokens) | (t.temperature > 0))
     tokens = jax.lax.cond(plain, lambda: greedy(logits), staged)
     none = (
         jnp.zeros(batch, jnp.float32),

@@ -17,6 +17,37 @@ LOGIT_BIAS_RANGE = 100.0
 
 
 @dataclass(frozen=True)
+class GuidedDecodingParams:
+    """What a request's output must match (vLLM's ``GuidedDecodingParams``); exactly one field.
+
+    Attributes:
+      json: a JSON schema (a dict or its JSON text); the output is JSON that validates.
+      json_object: any JSON object (OpenAI's ``response_format: {"type": "json_object"}``).
+      regex: a regular expression (Rust ``regex`` syntax) the whole output matches.
+      choice: the output is exactly one of these strings.
+      grammar: a Lark grammar (llguidance's dialect) whose ``start`` rule the output matches.
+    JSON outputs are compact unless the schema says otherwise (``"x-guidance": {"whitespace_flexible":
+    true}``): with free whitespace a small model can pad forever.
+    """
+
+    json: str | Mapping | None = None
+    json_object: bool = False
+    regex: str | None = None
+    choice: tuple[str, ...] | None = None
+    grammar: str | None = None
+
+    def __post_init__(self):
+        if self.choice is not None:
+            object.__setattr__(self, "choice", tuple(self.choice))
+        given = [name for name in ("json", "regex", "choice", "grammar") if getattr(self, name) is not None]
+        given += ["json_object"] if self.json_object else []
+        if len(given) != 1:
+            raise ValueError(f"guided decoding takes exactly one of json, json_object, regex, choice, grammar; got {given}")
+        if self.choice is not None and not (self.choice and all(isinstance(c, str) and c for c in self.choice)):
+            raise ValueError("guided choice must be a non-empty list of non-empty strings")
+
+
+@dataclass(frozen=True)
 class SamplingParams:
     """How one request picks its tokens and when it stops.
 
@@ -46,6 +77,8 @@ class SamplingParams:
         ``(token_id, bias)`` pairs. Logprobs stay those of the unbiased model.
       allowed_token_ids: when set, only these tokens can be generated (vLLM's field; at most
         ``MAX_LOGIT_BIAS``). Kept sorted, without repeats.
+      guided_decoding: constrain the output to a JSON schema, a regex, a choice or a grammar
+        (``GuidedDecodingParams``); the request ends when its output is complete.
     """
 
     n: int = 1
@@ -68,6 +101,7 @@ class SamplingParams:
     skip_special_tokens: bool = True
     logit_bias: Mapping[int, float] | tuple[tuple[int, float], ...] = field(default_factory=tuple)
     allowed_token_ids: tuple[int, ...] | None = None
+    guided_decoding: GuidedDecodingParams | None = None
 
     def __post_init__(self):
         stop = (self.stop,) if isinstance(self.stop, str) else tuple(self.stop or ())

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass, field
+from typing import Any
 
 from jaxinfer.detokenizer import IncrementalDetokenizer
 from jaxinfer.outputs import TokenLogprob
@@ -61,6 +62,7 @@ class Sequence:
       block_hashes: prefix-cache hashes of the leading full pages.
       num_cached_tokens: prompt tokens found in the cache at first admission.
       final_text: the text, cut at a stop string, once one is found.
+      matcher: with guided decoding, the llguidance matcher that has taken the output so far.
     """
 
     request: Request
@@ -78,6 +80,7 @@ class Sequence:
     num_cached_tokens: int = 0
     finish_reason: FinishReason | None = None
     final_text: str | None = None
+    matcher: Any = None
 
     @property
     def request_id(self) -> str:

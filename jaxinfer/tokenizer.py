@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from typing import Sequence
 
-from jaxinfer.fast_tokenizer import load_fast_tokenizer
+from jaxinfer.fast_tokenizer import FastTokenizer, load_fast_tokenizer
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json")
 
@@ -39,6 +39,14 @@ class Tokenizer:
 
     def decode(self, token_ids: Sequence[int], skip_special_tokens: bool = True) -> str:
         return self.backend.decode(list(token_ids), skip_special_tokens=skip_special_tokens)
+
+    def backend_json(self) -> str | None:
+        """The ``tokenizers`` library's JSON of the tokenizer (guided decoding builds on it), or
+        None for a tokenizer that is not a fast one."""
+        backend = getattr(self.backend, "backend_tokenizer", None)  # transformers' fast tokenizers
+        if backend is None and isinstance(self.backend, FastTokenizer):
+            backend = self.backend.backend
+        return None if backend is None else backend.to_str()
 
     @property
     def has_chat_template(self) -> bool:

@@ -30,6 +30,9 @@ def tensors(batch, temperature=1.0, top_k=0, top_p=1.0, seed=0, step=0, vocab=0,
         bias_ids=kw.pop("bias_ids", np.full((batch, 2), vocab, np.int32)),
         bias_values=kw.pop("bias_values", np.zeros((batch, 2), np.float32)),
         only_listed=full(kw.pop("only_listed", False), bool),
+        guided=full(kw.pop("guided", False), bool),
+        # wide enough for any vocabulary these tests use (read only where guided)
+        token_mask=kw.pop("token_mask", np.full((batch, 4096), -1, np.int32)),
     )
     assert not kw, kw
     return SamplingTensors(**fields)
@@ -273,6 +276,32 @@ def test_only_listed_tokens_are_drawn_from_their_biased_softmax():
                 only_listed=[True, False])
     out = sample_jit(jnp.asarray(logits), t).tokens
     assert int(out[0]) == allowed[np.argmax(logits[0, allowed] + bias)] and int(out[1]) == np.argmax(logits[1])
+
+
+def bitmask(batch: int, allowed: np.ndarray, words: int = 4096) -> np.ndarray:
+    """Guided decoding's ``[batch, words]`` int32 bitmask allowing ``allowed`` in every row."""
+    bits = np.zeros(words * 32, np.uint8)
+    bits[allowed] = 1
+    return np.tile(np.packbits(bits, bitorder="little").view(np.int32), (batch, 1))
+
+
+def test_guided_rows_draw_only_their_masked_tokens():
+    rng = np.random.default_rng(8)
+    vocab = 600
+    logits = rng.standard_normal((2, vocab)).astype(np.float32)
+    allowed = np.array([0, 31, 32, 63, 64, 450, 599], np.int32)  # word edges and the sign bit
+    n = 4000
+    got = draws(jnp.asarray(logits[:1]), n, temperature=1.0, guided=True, token_mask=bitmask(n, allowed))[:, 0]
+    p = np.exp(logits[0, allowed] - logits[0, allowed].max())
+    p /= p.sum()
+    freq = np.array([np.mean(got == a) for a in allowed])
+    assert set(got) <= set(allowed) and np.all(np.abs(freq - p) <= 5 * np.sqrt(p * (1 - p) / n))
+    # greedy picks the best allowed token; the unguided row beside it keeps its argmax whatever its mask says
+    t = tensors(2, temperature=0.0, vocab=vocab, guided=[True, False], token_mask=bitmask(2, allowed[:2]), num_logprobs=0)
+    out = sample_jit(jnp.asarray(logits), t)
+    assert int(out.tokens[0]) == allowed[np.argmax(logits[0, allowed[:2]])] and int(out.tokens[1]) == np.argmax(logits[1])
+    logp = logits[0] - np.log(np.exp(logits[0]).sum())
+    np.testing.assert_allclose(float(out.logprobs[0]), logp[int(out.tokens[0])], rtol=1e-5)  # raw, not masked
 
 
 def test_logprobs_are_the_raw_log_softmax():
