@@ -25,7 +25,7 @@ import statistics
 import time
 
 from report import load_average, publish
-from sampling_cost import MODES
+from sampling_cost import MODES, sampling_params
 
 # Host-side and runtime events in the trace (Python frames start with "$"): not XLA ops.
 NOT_OPS = ("$", "ThunkExecutor", "PjitFunction", "Common", "Parse", "np.", "Handle", "end:", "DevicePut",
@@ -72,7 +72,7 @@ def main() -> None:
         fields = dict(MODES[args.sampling], max_tokens=max_tokens, ignore_eos=True)
         if "seed" in fields:
             fields["seed"] += i
-        params = SamplingParams(**fields)
+        params = sampling_params(fields)
         engine.add_request(f"p{i}", list(range(100 + i, 100 + i + args.prompt_len)), params)
     scheduler = engine.scheduler
     while scheduler.waiting or any(not s.is_decoding for s in scheduler.running):

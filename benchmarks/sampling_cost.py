@@ -4,7 +4,10 @@ and with sampled ones, side by side in one engine.
 - ``greedy``: temperature 0 (the engine skips the sampler's other stages);
 - ``chat defaults``: what ``jaxinfer chat`` sends (temperature 0.7, top-k 40, top-p 0.9), seeded;
 - ``top-p 0.9``: temperature 0.8 and top-p alone, seeded, as an OpenAI client without top_k sends;
-- ``top-p 0.9, T 1``: the same at the OpenAI API's default temperature, whose nuclei are wider.
+- ``top-p 0.9, T 1``: the same at the OpenAI API's default temperature, whose nuclei are wider;
+- ``guided regex``: greedy under guided decoding (the regex ``[^\n]{1,2000}``, which outlasts the
+  run): the host fills each row's token mask from its grammar before every step, the sampler
+  applies it, and async scheduling drains for guided rows.
 
 Each request of a batch has its own seed (1, 2, ...), so its rows follow different texts and
 their nuclei differ as a real batch's do.
@@ -33,7 +36,17 @@ MODES = {
     "chat defaults": dict(temperature=0.7, top_k=40, top_p=0.9, seed=1),
     "top-p 0.9": dict(temperature=0.8, top_p=0.9, seed=1),
     "top-p 0.9, T 1": dict(temperature=1.0, top_p=0.9, seed=1),
+    "guided regex": dict(temperature=0, guided_decoding=dict(regex=r"[^\n]{1,2000}")),
 }
+
+
+def sampling_params(fields: dict):
+    """``SamplingParams`` of a mode's fields (``guided_decoding`` as GuidedDecodingParams' fields)."""
+    from jaxinfer import SamplingParams
+    from jaxinfer.sampling_params import GuidedDecodingParams
+
+    guided = fields.get("guided_decoding")
+    return SamplingParams(**{**fields, "guided_decoding": guided and GuidedDecodingParams(**guided)})
 
 
 def main() -> None:
@@ -51,10 +64,9 @@ def main() -> None:
 
     from converters.convert import embedded_model_path
     from converters.loader import load_model
-    from jaxinfer import SamplingParams
     from jaxinfer.llm import build_engine
 
-    modes = {name: SamplingParams(**fields) for name, fields in MODES.items()}
+    modes = {name: sampling_params(fields) for name, fields in MODES.items()}
     loaded = load_model(embedded_model_path(progress=False), jnp.float32, progress=False)
     prompt = prompt_ids(loaded.tokenizer, args.prompt_tokens)
     engine = build_engine(loaded, progress=False, max_batch_size=max(batches),
@@ -74,6 +86,7 @@ def main() -> None:
         (f"- float32 weights, {args.prompt_tokens}-token prompt, {args.decode_tokens} tokens per request (EOS "
          f"ignored), {args.rounds} rounds per batch size, modes in rotating order. Modes: "
          + "; ".join(f"{name}: temperature {p.temperature}, top-k {p.top_k}, top-p {p.top_p}"
+                     + (f", guided by {MODES[name]['guided_decoding']}" if p.guided_decoding else "")
                      for name, p in modes.items())
          + "; sampled request i of a batch seeded i + 1. The engine's sampler as of this commit; run at "
          "another commit to compare samplers."),

@@ -63,13 +63,18 @@ class Grammars:
     def matcher(self, params: GuidedDecodingParams) -> llguidance.LLMatcher:
         """A fresh matcher of ``params``' grammar; ValueError names what is wrong with it."""
         tokenizer = self._ll()
-        grammar = grammar_text(params)
-        error = llguidance.LLMatcher.validate_grammar(grammar, tokenizer)
-        if error:
-            raise ValueError(f"invalid guided decoding grammar: {error}")
-        matcher = llguidance.LLMatcher(tokenizer, grammar)
-        if matcher.is_error():
-            raise ValueError(f"invalid guided decoding grammar: {matcher.get_error()}")
+        try:
+            grammar = grammar_text(params)
+            error = llguidance.LLMatcher.validate_grammar(grammar, tokenizer)
+            matcher = None if error else llguidance.LLMatcher(tokenizer, grammar)
+        except ValueError:
+            raise
+        except (KeyboardInterrupt, SystemExit):
+            raise
+        except BaseException as e:  # a panic in llguidance's Rust surfaces as pyo3's PanicException
+            raise ValueError(f"invalid guided decoding grammar: {e}") from None
+        if matcher is None or matcher.is_error():
+            raise ValueError(f"invalid guided decoding grammar: {error or matcher.get_error()}")
         return matcher
 
 

@@ -14,7 +14,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from jaxinfer.outputs import TokenLogprob
-from jaxinfer.sampling_params import LOGIT_BIAS_RANGE, MAX_LOGIT_BIAS, MAX_LOGPROBS, MAX_STOP_TOKEN_IDS, SamplingParams
+from jaxinfer.sampling_params import (LOGIT_BIAS_RANGE, MAX_LOGIT_BIAS, MAX_LOGPROBS, MAX_STOP_TOKEN_IDS,
+                                      GuidedDecodingParams, SamplingParams)
 
 MAX_N = 16
 MAX_STOP_STRINGS = 4
@@ -115,6 +116,43 @@ def _allowed_token_ids(body: dict, vocab: int) -> list[int] | None:
     return allowed
 
 
+# vLLM's extra fields for guided decoding -> GuidedDecodingParams' field and the JSON type it takes.
+GUIDED_FIELDS = {"guided_json": ("json", (dict, str)), "guided_regex": ("regex", str),
+                 "guided_choice": ("choice", list), "guided_grammar": ("grammar", str)}
+
+
+def _guided_decoding(body: dict) -> GuidedDecodingParams | None:
+    """OpenAI's ``response_format`` (``json_object``, ``json_schema``) or one of vLLM's
+    ``guided_json``, ``guided_regex``, ``guided_choice``, ``guided_grammar``."""
+    given = [name for name in ("response_format", *GUIDED_FIELDS) if body.get(name) is not None]
+    if len(given) > 1:
+        raise bad(f"give at most one of {', '.join(given)}", given[1])
+    if not given:
+        return None
+    name = given[0]
+    value = body[name]
+    if name == "response_format":
+        if not isinstance(value, dict) or value.get("type") not in ("text", "json_object", "json_schema"):
+            raise bad("'response_format' must be {\"type\": \"text\"}, {\"type\": \"json_object\"} or "
+                      "{\"type\": \"json_schema\", \"json_schema\": {\"name\": ..., \"schema\": {...}}}", name)
+        if value["type"] == "text":
+            return None
+        if value["type"] == "json_object":
+            return GuidedDecodingParams(json_object=True)
+        spec = value.get("json_schema")
+        if not isinstance(spec, dict) or not isinstance(spec.get("schema", {}), dict):
+            raise bad("'response_format.json_schema' must be an object whose 'schema' is a JSON schema object", name)
+        schema = spec.get("schema")
+        return GuidedDecodingParams(json=schema) if schema is not None else GuidedDecodingParams(json_object=True)
+    field_name, kind = GUIDED_FIELDS[name]
+    if not isinstance(value, kind) or name == "guided_choice" and not (
+            value and all(isinstance(c, str) and c for c in value)):
+        what = {"guided_json": "a JSON schema (an object or its text)", "guided_regex": "a string",
+                "guided_choice": "a non-empty array of non-empty strings", "guided_grammar": "a string"}[name]
+        raise bad(f"'{name}' must be {what}", name)
+    return GuidedDecodingParams(**{field_name: value})
+
+
 @dataclass
 class Limits:
     """What the served engine can take."""
@@ -183,6 +221,7 @@ def _sampling(body: dict, limits: Limits, prompt_len: int, max_tokens: int | Non
         skip_special_tokens=get_field(body, "skip_special_tokens", bool, True),
         logit_bias=_logit_bias(body, limits.vocab_size),
         allowed_token_ids=_allowed_token_ids(body, limits.vocab_size),
+        guided_decoding=_guided_decoding(body),
     )
 
 

@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -188,6 +189,26 @@ def test_completions_echo_with_logprobs_scores_the_prompt(client, engine, tiny_c
     settle(engine)
 
 
+def test_structured_outputs(client, engine):
+    schema = {"type": "object", "properties": {"ok": {"type": "boolean"}, "size": {"enum": ["S", "M", "L"]}},
+              "required": ["ok", "size"], "additionalProperties": False}
+    r = client.chat.completions.create(model=MODEL, messages=MESSAGES, temperature=0.8, seed=2, max_tokens=40,
+                                       response_format={"type": "json_schema",
+                                                        "json_schema": {"name": "item", "schema": schema}})
+    item = json.loads(r.choices[0].message.content)
+    assert set(item) == {"ok", "size"} and item["size"] in "SML" and r.choices[0].finish_reason == "stop"
+    r = client.completions.create(model=MODEL, prompt="Pick:", max_tokens=10, n=3, temperature=1.0, seed=1,
+                                  extra_body={"guided_choice": ["red", "green", "blue sky"]})
+    assert all(c.text in ("red", "green", "blue sky") for c in r.choices)
+    r = client.completions.create(model=MODEL, prompt="Code:", max_tokens=10, temperature=0,
+                                  extra_body={"guided_regex": "[A-Z]{2}[0-9]{2}"})
+    assert re.fullmatch("[A-Z]{2}[0-9]{2}", r.choices[0].text)
+    r = client.chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=3, temperature=0,
+                                       response_format={"type": "text"})
+    assert r.choices[0].message.content
+    settle(engine)
+
+
 def test_chat_logprobs(client, engine):
     r = client.chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=4, temperature=0, logprobs=True,
                                        top_logprobs=3)
@@ -282,6 +303,15 @@ def test_disconnected_stream_is_cancelled(server, engine):
     ("/v1/chat/completions", json.dumps({"messages": MESSAGES, "stop": ["a", "b", "c", "d", "e"]}).encode(), 400, "stop"),
     ("/v1/completions", json.dumps({"prompt": "x", "logprobs": 9}).encode(), 400, "logprobs"),
     ("/v1/completions", json.dumps({"prompt": "x", "max_tokens": 0}).encode(), 400, "max_tokens"),
+    ("/v1/completions", json.dumps({"prompt": "x", "response_format": {"type": "xml"}}).encode(), 400,
+     "response_format"),
+    ("/v1/chat/completions", json.dumps({"messages": MESSAGES, "response_format": {
+        "type": "json_schema", "json_schema": {"name": "x", "schema": "not a schema"}}}).encode(), 400, "response_format"),
+    ("/v1/completions", json.dumps({"prompt": "x", "guided_regex": "a", "guided_choice": ["a"]}).encode(), 400,
+     "guided_choice"),
+    ("/v1/completions", json.dumps({"prompt": "x", "guided_choice": []}).encode(), 400, "guided_choice"),
+    ("/v1/completions", json.dumps({"prompt": "x", "guided_regex": "[a-"}).encode(), 400, None),
+    ("/v1/completions", json.dumps({"prompt": "x", "guided_json": {"type": "wat"}}).encode(), 400, None),
     ("/v1/completions", json.dumps({"prompt": [1, -5]}).encode(), 400, "prompt"),
     ("/v1/completions", json.dumps({"prompt": ""}).encode(), 400, "prompt"),
     ("/v1/completions", json.dumps({"prompt": "x", "logit_bias": [1, 2]}).encode(), 400, "logit_bias"),
@@ -399,7 +429,8 @@ JSON = st.recursive(
 FIELDS = ["model", "messages", "prompt", "max_tokens", "max_completion_tokens", "temperature", "top_p", "top_k", "n",
           "stream", "stream_options", "stop", "seed", "logprobs", "top_logprobs", "echo", "presence_penalty",
           "frequency_penalty", "repetition_penalty", "min_p", "min_tokens", "stop_token_ids", "ignore_eos", "tokens",
-          "best_of", "add_special_tokens", "logit_bias", "allowed_token_ids"]
+          "best_of", "add_special_tokens", "logit_bias", "allowed_token_ids", "response_format", "guided_json",
+          "guided_regex", "guided_choice", "guided_grammar"]
 BODIES = st.one_of(
     JSON,
     st.dictionaries(st.sampled_from(FIELDS), JSON, max_size=6),
