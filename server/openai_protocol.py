@@ -122,9 +122,10 @@ GUIDED_FIELDS = {"guided_json": ("json", (dict, str)), "guided_regex": ("regex",
 
 
 def _guided_decoding(body: dict) -> GuidedDecodingParams | None:
-    """OpenAI's ``response_format`` (``json_object``, ``json_schema``) or one of vLLM's
-    ``guided_json``, ``guided_regex``, ``guided_choice``, ``guided_grammar``."""
-    given = [name for name in ("response_format", *GUIDED_FIELDS) if body.get(name) is not None]
+    """OpenAI's ``response_format`` (``json_object``, ``json_schema``), vLLM's
+    ``structured_outputs`` (``{"json" | "regex" | "choice" | "grammar" | "json_object": ...}``) or
+    one of its older ``guided_json``, ``guided_regex``, ``guided_choice``, ``guided_grammar``."""
+    given = [name for name in ("response_format", "structured_outputs", *GUIDED_FIELDS) if body.get(name) is not None]
     if len(given) > 1:
         raise bad(f"give at most one of {', '.join(given)}", given[1])
     if not given:
@@ -144,12 +145,27 @@ def _guided_decoding(body: dict) -> GuidedDecodingParams | None:
             raise bad("'response_format.json_schema' must be an object whose 'schema' is a JSON schema object", name)
         schema = spec.get("schema")
         return GuidedDecodingParams(json=schema) if schema is not None else GuidedDecodingParams(json_object=True)
+    if name == "structured_outputs":
+        keys = {"json", "regex", "choice", "grammar", "json_object"}
+        if not isinstance(value, dict) or len(set(value) & keys) != 1 or set(value) - keys:
+            raise bad("'structured_outputs' must hold exactly one of json, regex, choice, grammar, json_object", name)
+        (key,) = value
+        if key == "json_object":
+            if value[key] is not True:
+                raise bad("'structured_outputs.json_object' must be true", name)
+            return GuidedDecodingParams(json_object=True)
+        return _guided_field(f"{name}.{key}", name, "guided_" + key, value[key])
+    return _guided_field(name, name, name, value)
+
+
+def _guided_field(label: str, param: str, name: str, value) -> GuidedDecodingParams:
+    """vLLM's ``guided_*`` field ``name`` (sent as ``label``, reported as ``param``)."""
     field_name, kind = GUIDED_FIELDS[name]
     if not isinstance(value, kind) or name == "guided_choice" and not (
             value and all(isinstance(c, str) and c for c in value)):
         what = {"guided_json": "a JSON schema (an object or its text)", "guided_regex": "a string",
                 "guided_choice": "a non-empty array of non-empty strings", "guided_grammar": "a string"}[name]
-        raise bad(f"'{name}' must be {what}", name)
+        raise bad(f"'{label}' must be {what}", param)
     return GuidedDecodingParams(**{field_name: value})
 
 

@@ -85,6 +85,19 @@ def test_unguided_neighbours_and_async_scheduling_are_unaffected(model):
     assert [o.outputs[0].token_ids for o in asynchronous] == [o.outputs[0].token_ids for o in together]
 
 
+def test_preempted_guided_sequences_resume_their_grammar(model, llm):
+    ids = [list(range(100 + 7 * i, 130 + 7 * i)) for i in range(4)]
+    params = SamplingParams(temperature=0, max_tokens=60, guided_decoding=Guided(regex="[a-z]{30,40}"))
+    roomy = llm.generate(ids, params)
+    # 4 sequences of up to ~70 tokens in 10 pages of 16 tokens: they cannot all stay resident.
+    tight = LLM(model, warmup=False, **{**SMALL, "cache_max_entry_count": 10})
+    got = tight.generate(ids, params)
+    assert tight.engine.stats.preemptions > 0
+    assert [o.outputs[0].token_ids for o in got] == [o.outputs[0].token_ids for o in roomy]
+    assert all(re.fullmatch("[a-z]{30,40}", o.outputs[0].text) for o in got)
+    tight.engine.block_manager.check_no_leaks()
+
+
 def test_guided_requests_compile_nothing_after_warmup(model):
     warm = LLM(model, progress=False, **SMALL)
     before = compilation_count()

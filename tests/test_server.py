@@ -203,6 +203,9 @@ def test_structured_outputs(client, engine):
     r = client.completions.create(model=MODEL, prompt="Code:", max_tokens=10, temperature=0,
                                   extra_body={"guided_regex": "[A-Z]{2}[0-9]{2}"})
     assert re.fullmatch("[A-Z]{2}[0-9]{2}", r.choices[0].text)
+    r2 = client.completions.create(model=MODEL, prompt="Code:", max_tokens=10, temperature=0,
+                                   extra_body={"structured_outputs": {"regex": "[A-Z]{2}[0-9]{2}"}})
+    assert r2.choices[0].text == r.choices[0].text
     r = client.chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=3, temperature=0,
                                        response_format={"type": "text"})
     assert r.choices[0].message.content
@@ -310,6 +313,10 @@ def test_disconnected_stream_is_cancelled(server, engine):
     ("/v1/completions", json.dumps({"prompt": "x", "guided_regex": "a", "guided_choice": ["a"]}).encode(), 400,
      "guided_choice"),
     ("/v1/completions", json.dumps({"prompt": "x", "guided_choice": []}).encode(), 400, "guided_choice"),
+    ("/v1/completions", json.dumps({"prompt": "x", "structured_outputs": {"regex": "a", "choice": ["a"]}}).encode(),
+     400, "structured_outputs"),
+    ("/v1/completions", json.dumps({"prompt": "x", "structured_outputs": {"choice": "a"}}).encode(), 400,
+     "structured_outputs"),
     ("/v1/completions", json.dumps({"prompt": "x", "guided_regex": "[a-"}).encode(), 400, None),
     ("/v1/completions", json.dumps({"prompt": "x", "guided_json": {"type": "wat"}}).encode(), 400, None),
     ("/v1/completions", json.dumps({"prompt": [1, -5]}).encode(), 400, "prompt"),
@@ -429,7 +436,7 @@ JSON = st.recursive(
 FIELDS = ["model", "messages", "prompt", "max_tokens", "max_completion_tokens", "temperature", "top_p", "top_k", "n",
           "stream", "stream_options", "stop", "seed", "logprobs", "top_logprobs", "echo", "presence_penalty",
           "frequency_penalty", "repetition_penalty", "min_p", "min_tokens", "stop_token_ids", "ignore_eos", "tokens",
-          "best_of", "add_special_tokens", "logit_bias", "allowed_token_ids", "response_format", "guided_json",
+          "best_of", "add_special_tokens", "logit_bias", "allowed_token_ids", "response_format", "structured_outputs", "guided_json",
           "guided_regex", "guided_choice", "guided_grammar"]
 BODIES = st.one_of(
     JSON,
