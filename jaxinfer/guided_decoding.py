@@ -11,7 +11,6 @@ take no more. EOS is allowed exactly where the output is complete.
 from __future__ import annotations
 
 import json
-import threading
 
 import llguidance
 import numpy as np
@@ -48,17 +47,15 @@ class Grammars:
         self._tokenizer = tokenizer
         self._vocab_size = vocab_size
         self._ll_tokenizer: llguidance.LLTokenizer | None = None
-        self._lock = threading.Lock()
 
     def _ll(self) -> llguidance.LLTokenizer:
-        with self._lock:
-            if self._ll_tokenizer is None:
-                spec = self._tokenizer.backend_json()
-                if spec is None:
-                    raise ValueError("guided decoding needs a fast (tokenizers) tokenizer; this model's is not one")
-                self._ll_tokenizer = llguidance.LLTokenizer(
-                    spec, n_vocab=self._vocab_size, eos_token=sorted(self._tokenizer.eos_token_ids))
-            return self._ll_tokenizer
+        if self._ll_tokenizer is None:
+            spec = self._tokenizer.backend_json()
+            if spec is None:
+                raise ValueError("guided decoding needs a fast (tokenizers) tokenizer; this model's is not one")
+            self._ll_tokenizer = llguidance.LLTokenizer(
+                spec, n_vocab=self._vocab_size, eos_token=sorted(self._tokenizer.eos_token_ids))
+        return self._ll_tokenizer
 
     def matcher(self, params: GuidedDecodingParams) -> llguidance.LLMatcher:
         """A fresh matcher of ``params``' grammar; ValueError names what is wrong with it."""

@@ -9,6 +9,7 @@ import re
 import llguidance
 import numpy as np
 import pytest
+from tiny_models import build_tiny
 
 from converters.loader import load_model
 from jaxinfer import LLM, SamplingParams
@@ -118,7 +119,17 @@ def test_bad_grammars_and_combinations_are_refused(llm):
     with pytest.raises(ValueError, match="min_tokens"):
         llm.engine.add_request("bad", prompt(llm), SamplingParams(min_tokens=2, guided_decoding=Guided(regex=REGEX)))
     with pytest.raises(ValueError, match="exactly one"):
+        Guided()
+    with pytest.raises(ValueError, match="exactly one"):
         Guided(regex=REGEX, choice=CHOICES)
     with pytest.raises(ValueError, match="non-empty"):
         Guided(choice=[])
     assert not llm.engine.has_unfinished_requests()
+
+
+def test_a_model_without_a_tokenizer_refuses_guided_requests(tmp_path):
+    build_tiny("llama", str(tmp_path))
+    engine = LLM(load_model(str(tmp_path)), warmup=False, **SMALL).engine
+    with pytest.raises(ValueError, match="needs a tokenizer"):
+        engine.add_request("r", [5, 6, 7], SamplingParams(guided_decoding=Guided(regex=REGEX)))
+    assert not engine.has_unfinished_requests()
