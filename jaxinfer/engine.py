@@ -264,8 +264,9 @@ class LLMEngine:
         """The decode step after ``flight``, dispatched before ``flight``'s tokens are read, or None
         when the next step is not a plain continuation: ``flight`` prefilled, some running sequence
         was not in it, a waiting sequence could be admitted, a row needs its token history
-        (penalties) or its grammar's mask (guided decoding), or pages would have to be preempted. Rows whose sequence ends with ``flight``'s
-        token (its length limit) stay in the batch as padding, so that every row keeps its place."""
+        (penalties) or its grammar's mask (guided decoding), or pages would have to be preempted.
+        Rows whose sequence ends with ``flight``'s token (its length limit) stay in the batch as
+        padding, so that every row keeps its place."""
         if flight.decode_only is None:
             return None
         slots, previous = flight.decode_only
