@@ -30,7 +30,8 @@ def grammar_text(params: GuidedDecodingParams) -> str:
                 raise ValueError(f"the guided JSON schema is not valid JSON: {e}") from None
         if not isinstance(schema, dict):
             raise ValueError("the guided JSON schema must be a JSON object")
-        return llguidance.LLMatcher.grammar_from_json_schema(json.dumps(schema), defaults={"whitespace_flexible": False})
+        return llguidance.LLMatcher.grammar_from_json_schema(json.dumps(schema),
+                                                             defaults={"whitespace_flexible": False})
     if params.regex is not None:
         return llguidance.LLMatcher.grammar_from_regex(params.regex)
     if params.choice is not None:

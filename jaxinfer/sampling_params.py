@@ -42,7 +42,8 @@ class GuidedDecodingParams:
         given = [name for name in ("json", "regex", "choice", "grammar") if getattr(self, name) is not None]
         given += ["json_object"] if self.json_object else []
         if len(given) != 1:
-            raise ValueError(f"guided decoding takes exactly one of json, json_object, regex, choice, grammar; got {given}")
+            raise ValueError(
+                f"guided decoding takes exactly one of json, json_object, regex, choice, grammar; got {given}")
         if self.choice is not None and not (self.choice and all(isinstance(c, str) and c for c in self.choice)):
             raise ValueError("guided choice must be a non-empty list of non-empty strings")
 
