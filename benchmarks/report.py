@@ -21,6 +21,27 @@ RESULTS_HEADER = (
 READ_BANDWIDTH_GBS = 32.6
 
 
+class ReadBandwidthProbe:
+    """The machine's read bandwidth at the moment of asking (``read_bandwidth.cc``: 2 threads, AVX2,
+    a 512 MB buffer, median of 5 passes; ~0.3 s): on these shared hosts it jumps between states
+    within seconds, and a batch-1 decode moves with it. ``measure`` returns None when the probe
+    cannot be built (no C++ compiler or no AVX2)."""
+
+    def __init__(self, directory: str):
+        self._binary: str | None = os.path.join(directory, "read_bandwidth")
+        try:
+            subprocess.run(["c++", "-O3", "-mavx2", "-pthread", "-o", self._binary,
+                            os.path.join(REPO, "benchmarks", "read_bandwidth.cc")], check=True, capture_output=True)
+        except (OSError, subprocess.CalledProcessError):
+            self._binary = None
+
+    def measure(self) -> float | None:
+        if self._binary is None:
+            return None
+        run = subprocess.run([self._binary, "512", "5"], capture_output=True, text=True)
+        return float(run.stdout) if run.returncode == 0 else None
+
+
 def _run(cmd: list[str], fallback: str) -> str:
     try:
         return subprocess.run(cmd, capture_output=True, text=True, check=True).stdout.strip()
