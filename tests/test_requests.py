@@ -104,20 +104,24 @@ def test_prompt_logprobs_are_those_of_the_model_even_when_the_prompt_is_cached(t
     llm = LLM(loaded, warmup=False, enable_prefix_caching=True, **SMALL)
     prompt = np.random.default_rng(8).integers(3, 256, 70).tolist()  # 3 prefill chunks of <= 32
     llm.generate([prompt], GREEDY)  # its 4 full pages are now cached
-    other = list(range(40, 60))
+    short, other = list(range(60, 69)), list(range(40, 60))  # short shares a prefill call with other rows
     before = llm.engine.stats.prefill_tokens
-    scored, plain = llm.generate([prompt, other], [dataclasses.replace(GREEDY, n=2, prompt_logprobs=3), GREEDY])
-    assert llm.engine.stats.prefill_tokens - before == 70 + (70 - 64) + 20  # scored whole; the 2nd completion shares it
+    scored, scored_short, plain = llm.generate(
+        [prompt, short, other],
+        [dataclasses.replace(GREEDY, n=2, prompt_logprobs=3), dataclasses.replace(GREEDY, prompt_logprobs=3), GREEDY])
+    # scored whole (its cached pages unused); its 2nd completion shares its full pages
+    assert llm.engine.stats.prefill_tokens - before == 70 + (70 - 64) + 9 + 20
     assert plain.prompt_logprobs is None and scored.outputs[0].token_ids == scored.outputs[1].token_ids
-    with torch.no_grad():
-        logp = torch.log_softmax(torch_model(torch.tensor([prompt])).logits[0].double(), -1).numpy()
-    entries = scored.prompt_logprobs
-    assert len(entries) == len(prompt) and entries[0] is None
-    for i, e in enumerate(entries[1:], 1):
-        assert e.token_id == prompt[i]
-        np.testing.assert_allclose(e.logprob, logp[i - 1, prompt[i]], atol=1e-4)
-        assert [t for t, _ in e.top] == list(np.argsort(-logp[i - 1])[:3])
-        np.testing.assert_allclose([lp for _, lp in e.top], np.sort(logp[i - 1])[::-1][:3], atol=1e-4)
+    for ids, out in ((prompt, scored), (short, scored_short)):
+        with torch.no_grad():
+            logp = torch.log_softmax(torch_model(torch.tensor([ids])).logits[0].double(), -1).numpy()
+        entries = out.prompt_logprobs
+        assert len(entries) == len(ids) and entries[0] is None
+        for i, e in enumerate(entries[1:], 1):
+            assert e.token_id == ids[i]
+            np.testing.assert_allclose(e.logprob, logp[i - 1, ids[i]], atol=1e-4)
+            assert [t for t, _ in e.top] == list(np.argsort(-logp[i - 1])[:3])
+            np.testing.assert_allclose([lp for _, lp in e.top], np.sort(logp[i - 1])[::-1][:3], atol=1e-4)
     llm.engine.block_manager.check_no_leaks()
 
 
