@@ -319,14 +319,20 @@ def _choose(x: jax.Array, t: SamplingTensors) -> jax.Array:
 
 def token_logprobs(raw: jax.Array, tokens: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
     """Raw logits ``[rows, vocab]`` and a token per row -> its logprob ``[rows]``, and the
-    ``MAX_LOGPROBS`` most likely tokens ``[rows, MAX_LOGPROBS]`` with their logprobs."""
-    shifted = raw - raw.max(axis=-1, keepdims=True)
-    logp = shifted - jnp.log(row_sums(jnp.exp(shifted), CDF_CHUNK))[:, None]
-    chosen = jnp.take_along_axis(logp, tokens[:, None], axis=1)[:, 0]
+    ``MAX_LOGPROBS`` most likely tokens ``[rows, MAX_LOGPROBS]`` with their logprobs.
+
+    Only the row's log-sum-exp is computed over the vocabulary; the chosen and top logits are
+    shifted by it, and top-k runs on the raw logits (the same order): building the whole
+    ``[rows, vocab]`` log-softmax first took 1.6x as long (256 x 49152 on the Zen 4: 55.7 vs
+    34.6 ms, exploratory)."""
+    lse = raw.max(axis=-1)
+    lse = lse + jnp.log(row_sums(jnp.exp(raw - lse[:, None]), CDF_CHUNK))
+    chosen = jnp.take_along_axis(raw, tokens[:, None], axis=1)[:, 0] - lse
     k = min(MAX_LOGPROBS, raw.shape[-1])
-    top_logprobs, top_ids = jax.lax.top_k(logp, k)
+    top_logits, top_ids = jax.lax.top_k(raw, k)
     pad = ((0, 0), (0, MAX_LOGPROBS - k))
-    return chosen, jnp.pad(top_ids.astype(jnp.int32), pad), jnp.pad(top_logprobs, pad, constant_values=-jnp.inf)
+    return (chosen, jnp.pad(top_ids.astype(jnp.int32), pad),
+            jnp.pad(top_logits - lse[:, None], pad, constant_values=-jnp.inf))
 
 
 def sample(logits: jax.Array, t: SamplingTensors) -> SampleOutput:
