@@ -28,11 +28,13 @@ class ReadBandwidthProbe:
     cannot be built (no C++ compiler or no AVX2)."""
 
     def __init__(self, directory: str):
+        from pallas_kernels import cpu_native
+
         self._binary: str | None = os.path.join(directory, "read_bandwidth")
         try:
-            subprocess.run(["c++", "-O3", "-mavx2", "-pthread", "-o", self._binary,
+            subprocess.run([cpu_native.cxx_compiler(), "-O3", "-mavx2", "-pthread", "-o", self._binary,
                             os.path.join(REPO, "benchmarks", "read_bandwidth.cc")], check=True, capture_output=True)
-        except (OSError, subprocess.CalledProcessError):
+        except (OSError, RuntimeError, subprocess.CalledProcessError):
             self._binary = None
 
     def measure(self) -> float | None:
