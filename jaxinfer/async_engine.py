@@ -32,7 +32,6 @@ class _Stream:
     loop: asyncio.AbstractEventLoop
     queue: asyncio.Queue
     sent: dict[int, tuple[int, int, bool]] = field(default_factory=dict)  # index -> (chars, tokens, done)
-    prompt_logprobs_sent: bool = False
 
     def put(self, item) -> None:
         # The caller may be gone (its loop closed after it stopped listening): its abort is on the
@@ -43,6 +42,7 @@ class _Stream:
     def delta(self, out: RequestOutput) -> RequestOutput | None:
         """The part of a cumulative output not sent yet (None if there is nothing new); the prompt
         logprobs ride in the first delta."""
+        first = not self.sent
         new = []
         for c in out.outputs:
             chars, tokens, done = self.sent.get(c.index, (0, 0, False))
@@ -53,10 +53,8 @@ class _Stream:
             self.sent[c.index] = (len(c.text), len(c.token_ids), c.finish_reason is not None)
         if not new:
             return None
-        prompt_logprobs = None if self.prompt_logprobs_sent else out.prompt_logprobs
-        self.prompt_logprobs_sent = True
         return RequestOutput(out.request_id, out.prompt_token_ids, new, out.finished, out.prompt, out.num_cached_tokens,
-                             prompt_logprobs)
+                             out.prompt_logprobs if first else None)
 
 
 class AsyncLLM:
