@@ -60,7 +60,6 @@ def main() -> None:
     from converters.loader import load_model
     from jaxinfer.home import jaxinfer_home
     from jaxinfer.llm import build_engine
-    from jaxinfer.sampling_params import SamplingParams
 
     m = load_model(embedded_model_path(progress=False), jnp.dtype(args.dtype), progress=False)
     # One prompt is admitted per step: the first requests decode while the others wait, so each
