@@ -8,7 +8,8 @@ shows that threshold on single matmuls (a chain of distinct weights, ~300 MB in 
 stream from memory, not from cache).
 
 Then two engines on the same weights (one process, one shared machine) decode the same prompt;
-repeats alternate between them. Per batch size: median step time over all decode steps of all
+repeats alternate between them. Both run a decode layer as separate ops (the decoder-layer kernel,
+``pallas_kernels/decoder_layer_cpu.cc``, off: it takes fused q/k/v only). Per batch size: median step time over all decode steps of all
 repeats, and the ratio side by side.
 
     .venv/bin/python benchmarks/decode_layout.py                   # print the tables
@@ -117,6 +118,7 @@ def main() -> None:
     from converters.loader import load_model
     from jaxinfer.llm import build_engine
     from jaxinfer.model_runner import ModelRunner
+    from pallas_kernels import cpu_native
 
     matmuls = matmul_table(runs=7)
     loaded = load_model(embedded_model_path(progress=False), jnp.float32, progress=False)
@@ -124,10 +126,12 @@ def main() -> None:
     options = {"max_batch_size": max(batches), "session_len": args.prompt_tokens + args.decode_tokens + 64}
     engines = {}
     for name, fused in (("separate", False), ("fused", True)):
-        engine = build_engine(loaded, warmup=False, progress=False, **options)
-        r = engine.runner  # same buckets and pages, the chosen projections
-        engine.runner = ModelRunner(loaded.config, loaded.params, loaded.dtype, r.buckets, r.cache.num_pages, 0, fused)
-        engine.runner.warmup(progress=False)
+        with cpu_native.turned_off("decoder_layer"):
+            engine = build_engine(loaded, warmup=False, progress=False, **options)
+            r = engine.runner  # same buckets and pages, the chosen projections
+            engine.runner = ModelRunner(loaded.config, loaded.params, loaded.dtype, r.buckets, r.cache.num_pages, 0,
+                                        fused)
+            engine.runner.warmup(progress=False)
         engines[name] = engine
     rows = ["| batch | separate q/k/v ms/step | fused ms/step | separate / fused | tokens equal |",
             "|---:|---:|---:|---:|---|"]

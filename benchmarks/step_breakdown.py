@@ -1,10 +1,15 @@
 """What parts of a decode step cost, measured by taking them out: SmolLM2-135M decode steps
 of the engine as shipped, side by side with what-if variants of it (``--variants`` picks them).
 
+- ``XLA layer ops``: jaxinfer's decoder-layer kernel (``pallas_kernels/decoder_layer_cpu.cc``) off,
+  so a decode step's layers run as separate ops: XLA's norms, rope, K/V scatters, residual adds
+  and activation around the matmul and attention kernels. Its tokens should equal the engine's
+  (the two agree to float32 rounding, so they may part after many tokens).
 - ``no attention``: paged attention replaced by a copy of the queries (KV writes, projections,
-  MLP and LM head unchanged). Its step time is the engine's minus what attention costs, so
-  ``engine - no attention`` is attention's share, measured rather than inferred by subtraction
-  from matmul benchmarks. Its tokens are meaningless and not compared.
+  MLP and LM head unchanged), with the layers as separate ops (the swap reaches only those). Its
+  step time is ``XLA layer ops``' minus what attention costs, so ``XLA layer ops - no attention``
+  is attention's share, measured rather than inferred by subtraction from matmul benchmarks. Its
+  tokens are meaningless and not compared.
 - ``XLA attention``: jaxinfer's CPU attention kernel (``pallas_kernels/paged_attention_cpu.cc``)
   off, so decode attention runs the jnp reference through XLA. Its tokens must equal the engine's.
 - ``XLA matmuls``: jaxinfer's CPU matmul kernels (``pallas_kernels/f32_matmul.cc``,
@@ -12,12 +17,10 @@ of the engine as shipped, side by side with what-if variants of it (``--variants
   run. With bfloat16 weights on AMX its tokens must equal the engine's (the AMX kernel repeats
   XLA's sums); the float32 and AVX512_BF16 kernels sum in another order, so there they may part
   after many tokens.
-- ``gate/up fused``: each MLP's gate and up projections concatenated into one [576, 3072] matmul,
-  as the engine already does for q/k/v. Its tokens must equal the engine's.
 - ``4 KiB pages``: the weights left in XLA's own buffers instead of the engine's huge-page mapping
   (``jaxinfer.huge_pages``). Its tokens must equal the engine's.
 
-The variants are built by swapping ``jaxinfer.model``'s attention function or MLP module while
+The variants are built by swapping ``jaxinfer.model``'s attention function or turning kernels off while
 their runner traces its shape buckets (``warmup``) (``jaxinfer.model_runner``'s ``parts_to_huge_pages`` for
 the pages), so they run the engine's own scheduler,
 buckets and sampler. Engines alternate within each repeat; per batch size: median step time over
@@ -39,47 +42,17 @@ from report import cpu_times, load_average, publish, stolen_since
 
 @contextlib.contextmanager
 def no_attention() -> Iterator[None]:
+    """Attention as a copy of the queries, in layers run as separate ops."""
     from jaxinfer import model
+    from pallas_kernels import cpu_native
 
     original = model.paged_attention
     model.paged_attention = lambda q, kv, *args, **kwargs: q
     try:
-        yield
+        with cpu_native.turned_off("decoder_layer"):
+            yield
     finally:
         model.paged_attention = original
-
-
-def fused_gate_up_mlp():
-    """An MLP module with one ``gate_up_proj`` (gate's output columns, then up's)."""
-    import flax.linen as nn
-    import jax.numpy as jnp
-
-    from jaxinfer.model import Linear
-
-    class FusedGateUpMLP(nn.Module):
-        config: object
-        dtype: object = jnp.float32
-
-        @nn.compact
-        def __call__(self, x):
-            c = self.config
-            gate_up = Linear(2 * c.intermediate_size, ("embed", "mlp"), False, self.dtype, None, name="gate_up_proj")(x)
-            gate, up = jnp.split(gate_up, 2, axis=-1)
-            return Linear(c.hidden_size, ("mlp", "embed"), False, self.dtype, None, name="down_proj")(nn.silu(gate) * up)
-
-    return FusedGateUpMLP
-
-
-def fuse_gate_up_params(params, num_layers: int):
-    import jax.numpy as jnp
-
-    out = dict(params)
-    for i in range(num_layers):
-        mlp = dict(params[f"layers_{i}"]["mlp"])
-        gate, up = mlp.pop("gate_proj"), mlp.pop("up_proj")
-        mlp["gate_up_proj"] = {"kernel": jnp.concatenate([gate["kernel"], up["kernel"]], axis=-1)}
-        out[f"layers_{i}"] = {**params[f"layers_{i}"], "mlp": mlp}
-    return out
 
 
 @contextlib.contextmanager
@@ -94,18 +67,6 @@ def small_pages() -> Iterator[None]:
         model_runner.parts_to_huge_pages = original
 
 
-@contextlib.contextmanager
-def gate_up_module() -> Iterator[None]:
-    from jaxinfer import model
-
-    original = model.MLP
-    model.MLP = fused_gate_up_mlp()
-    try:
-        yield
-    finally:
-        model.MLP = original
-
-
 def huge_page_state() -> str:
     """The kernel's THP mode and how much of this process sits in huge pages (Linux)."""
     try:
@@ -118,10 +79,12 @@ def huge_page_state() -> str:
     return f"mode `{mode}`; this process held {held} of anonymous memory in huge pages at the end"
 
 
-# Variant -> how its column compares: "share" (what taking it out saves), "slower" (variant / engine),
-# "faster" (engine / variant).
-VARIANTS = {"no attention": "share", "XLA attention": "slower", "XLA matmuls": "slower", "gate/up fused": "faster",
+# Variant -> how its column compares: "share" (what taking it out saves from its baseline), "slower"
+# (variant / engine).
+VARIANTS = {"XLA layer ops": "slower", "no attention": "share", "XLA attention": "slower", "XLA matmuls": "slower",
             "4 KiB pages": "slower"}
+# What a variant is compared with, when not the engine (chosen with it when it is not).
+BASELINES = {"no attention": "XLA layer ops"}
 
 
 def main() -> None:
@@ -140,6 +103,7 @@ def main() -> None:
     chosen = [v.strip() for v in args.variants.split(",") if v.strip()]
     if unknown := set(chosen) - set(VARIANTS):
         raise SystemExit(f"unknown variants {sorted(unknown)}; choose from {list(VARIANTS)}")
+    chosen = [v for v in VARIANTS if v in chosen or v in {BASELINES.get(c) for c in chosen}]
     load_before, times_before = load_average(), cpu_times()
 
     import jax.numpy as jnp
@@ -151,16 +115,14 @@ def main() -> None:
     from pallas_kernels import cpu_native
 
     loaded = load_model(embedded_model_path(progress=False), jnp.dtype(args.dtype), progress=False)
-    if "gate/up fused" in chosen and (loaded.config.weight_quant is not None or loaded.config.mlp_bias):
-        raise SystemExit("the gate/up variant expects float MLP weights without biases")
     prompt = prompt_ids(loaded.tokenizer, args.prompt_tokens)
     options = {"max_batch_size": max(batches), "session_len": args.prompt_tokens + args.decode_tokens + 64}
     same_params = lambda: loaded.params  # noqa: E731
     swaps = {  # variant -> (its parameters, the swap it runs under)
+        "XLA layer ops": (same_params, lambda: cpu_native.turned_off("decoder_layer")),
         "no attention": (same_params, no_attention),
         "XLA attention": (same_params, lambda: cpu_native.turned_off("paged_attention")),
         "XLA matmuls": (same_params, lambda: cpu_native.turned_off("f32_matmul", "amx_matmul", "avx512bf16_matmul")),
-        "gate/up fused": (lambda: fuse_gate_up_params(loaded.params, loaded.config.num_layers), gate_up_module),
         "4 KiB pages": (same_params, small_pages),
     }
     engines = {"engine": build_engine(loaded, progress=False, **options)}
@@ -176,8 +138,8 @@ def main() -> None:
     header, align = ["batch", "engine ms/step"], ["---:", "---:"]
     for name in chosen:
         kind = VARIANTS[name]
-        header += [f"{name} ms/step", "attention's share" if kind == "share" else
-                   f"engine / {name}" if kind == "faster" else f"{name} / engine"]
+        header += [f"{name} ms/step", f"attention's share of {BASELINES[name]}" if kind == "share" else
+                   f"{name} / engine"]
         align += ["---:", "---:"]
         if kind != "share":
             header.append(f"{name} tokens equal")
@@ -190,9 +152,10 @@ def main() -> None:
             kind, ms = VARIANTS[name], med[name]
             cells.append(f"{ms:.1f}")
             if kind == "share":
-                cells.append(f"{(med['engine'] - ms) / med['engine']:.0%}")
+                base = med[BASELINES[name]]
+                cells.append(f"{(base - ms) / base:.0%}")
             else:
-                cells.append(f"{med['engine'] / ms if kind == 'faster' else ms / med['engine']:.2f}x")
+                cells.append(f"{ms / med['engine']:.2f}x")
                 cells.append("yes" if tokens["engine"] == tokens[name] else "**no**")
         rows.append("| " + " | ".join(cells) + " |")
         print(rows[-1], flush=True)
@@ -201,8 +164,8 @@ def main() -> None:
          f"{engines['engine'].runner.matmul_kernel}), {args.prompt_tokens}-token prompt, "
          f"{args.decode_tokens} greedy tokens per request (context {args.prompt_tokens}-"
          f"{args.prompt_tokens + args.decode_tokens}), {args.repeats} repeats per engine alternating; median over "
-         "all pure decode steps. attention's share = (engine - no attention) / engine; a ratio above 1 means "
-         "the engine is faster."),
+         "all pure decode steps. attention's share = (XLA layer ops - no attention) / XLA layer ops; a ratio "
+         "above 1 means the engine is faster."),
         f"- Load: before `{load_before}`; after `{load_average()}`. {stolen_since(times_before)}.",
     ]
     if "4 KiB pages" in chosen:

@@ -48,26 +48,38 @@ struct TileTable {
   }
 };
 
-// Calls tile(r0, rows, block0, blocks, last_cols) once for every register tile of an [m, n]
-// product over `column_blocks` packed blocks: rows [r0, r0 + rows) times blocks [block0, block0 +
-// blocks), the last of which has `last_cols` real columns. Column panels vary fastest, so at
-// decode's single chunk of rows the items split the weights.
-template <int (*MaxBlocks)(int), typename TileCall>
-void ForEachTile(xla::ffi::ThreadPool& pool, int64_t m, int64_t n, int64_t column_blocks, TileCall tile) {
-  const int64_t panels = (column_blocks + kPanelBlocks - 1) / kPanelBlocks;
-  const int64_t chunks = (m + kChunkRows - 1) / kChunkRows;
-  ParallelFor(pool, panels * chunks, [=](int64_t item) {
-    const int64_t panel = item % panels, r_end = std::min(m, (item / panels + 1) * kChunkRows);
-    const int64_t block0 = panel * kPanelBlocks, count = std::min<int64_t>(kPanelBlocks, column_blocks - block0);
+// The work items of an [m, n] product over `column_blocks` packed blocks: column panels of
+// `panel_blocks` blocks x chunks of kChunkRows rows, panels varying fastest, so that at decode's
+// single chunk of rows the items split the weights.
+struct TileGrid {
+  int64_t m, n, column_blocks, panel_blocks;
+
+  int64_t panels() const { return (column_blocks + panel_blocks - 1) / panel_blocks; }
+  int64_t items() const { return panels() * ((m + kChunkRows - 1) / kChunkRows); }
+
+  // Calls tile(r0, rows, block0, blocks, last_cols) for every register tile of `item`: rows
+  // [r0, r0 + rows) times blocks [block0, block0 + blocks), the last of which has `last_cols`
+  // real columns.
+  template <int (*MaxBlocks)(int), typename TileCall>
+  void RunItem(int64_t item, TileCall tile) const {
+    const int64_t panel = item % panels(), r_end = std::min(m, (item / panels() + 1) * kChunkRows);
+    const int64_t block0 = panel * panel_blocks, count = std::min(panel_blocks, column_blocks - block0);
     const int last_cols = static_cast<int>(std::min(kBlockCols, n - (block0 + count - 1) * kBlockCols));
-    for (int64_t r0 = item / panels * kChunkRows; r0 < r_end; r0 += kTileRows) {
+    for (int64_t r0 = item / panels() * kChunkRows; r0 < r_end; r0 += kTileRows) {
       const int rows = static_cast<int>(std::min<int64_t>(kTileRows, r_end - r0));
       for (int64_t c0 = 0; c0 < count; c0 += MaxBlocks(rows)) {
         const int blocks = static_cast<int>(std::min<int64_t>(MaxBlocks(rows), count - c0));
         tile(r0, rows, block0 + c0, blocks, c0 + blocks == count ? last_cols : static_cast<int>(kBlockCols));
       }
     }
-  });
+  }
+};
+
+// Every register tile of an [m, n] product (TileGrid::RunItem), items shared on XLA's pool.
+template <int (*MaxBlocks)(int), typename TileCall>
+void ForEachTile(xla::ffi::ThreadPool& pool, int64_t m, int64_t n, int64_t column_blocks, TileCall tile) {
+  const TileGrid grid{m, n, column_blocks, kPanelBlocks};
+  ParallelFor(pool, grid.items(), [=](int64_t item) { grid.RunItem<MaxBlocks>(item, tile); });
 }
 
 }  // namespace jaxinfer

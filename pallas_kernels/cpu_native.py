@@ -9,7 +9,9 @@ On CPU the engine runs XLA's code except where a small kernel of ours is measura
 * ``paged_attention_cpu.cc``: decode and prefill attention reading float32 or bfloat16 KV pages
   in place (``pallas_kernels.paged_attention``'s dispatch point);
 * ``kv_write_cpu.cc``: new tokens' K/V written into bfloat16 pages in place
-  (``pallas_kernels.kv_write_cpu``), where XLA's scatter would widen the whole pool.
+  (``pallas_kernels.kv_write_cpu``), where XLA's scatter would widen the whole pool;
+* ``decoder_layer_cpu.cc``: a whole float32 decoder layer of a decode step in one call
+  (``pallas_kernels.decoder_layer_cpu``), instead of ~20 small XLA ops around its matmuls.
 
 XLA calls them through its FFI (``jax.ffi``), on its own intra-op thread pool. They are compiled
 together into one shared library on first use, for the best instruction-set level this CPU runs
@@ -39,24 +41,27 @@ import jax
 logger = logging.getLogger("jaxinfer")
 
 HERE = Path(__file__).parent
-HEADERS = (HERE / "cpu_bf16.h", HERE / "cpu_matmul_tiles.h", HERE / "cpu_parallel.h", HERE / "cpu_vec16.h")
+HEADERS = (HERE / "cpu_bf16.h", HERE / "cpu_matmul_tiles.h", HERE / "cpu_parallel.h", HERE / "cpu_vec16.h",
+           HERE / "f32_matmul_tile.h", HERE / "paged_attention_cpu.h")
 AMX_MATMUL = "jaxinfer_amx_matmul"
 AVX512BF16_MATMUL = "jaxinfer_avx512bf16_matmul"
 F32_MATMUL = "jaxinfer_f32_matmul"
 PAGED_ATTENTION = "jaxinfer_paged_attention"
 KV_WRITE = "jaxinfer_kv_write"
-TARGETS = (AMX_MATMUL, AVX512BF16_MATMUL, F32_MATMUL, PAGED_ATTENTION, KV_WRITE)
+DECODER_LAYER = "jaxinfer_decoder_layer"
+TARGETS = (AMX_MATMUL, AVX512BF16_MATMUL, F32_MATMUL, PAGED_ATTENTION, KV_WRITE, DECODER_LAYER)
 # GCC 12's own AVX-512 intrinsic headers trip -W(maybe-)uninitialized: their shuffles start from
 # a deliberately undefined vector (a known false positive).
 COMMON_FLAGS = ("-O3", "-std=c++17", "-shared", "-fPIC", "-Wall", "-Wextra", "-Wno-maybe-uninitialized",
                 "-Wno-uninitialized")
 
 
-SOURCES = (HERE / "f32_matmul.cc", HERE / "paged_attention_cpu.cc", HERE / "kv_write_cpu.cc")
+SOURCES = (HERE / "f32_matmul.cc", HERE / "paged_attention_cpu.cc", HERE / "kv_write_cpu.cc", HERE / "decoder_layer_cpu.cc")
 # The bfloat16 matmuls, AVX-512 builds only; each runs only where the CPU (and for AMX, the OS) allows.
 BF16_SOURCES = (HERE / "amx_matmul.cc", HERE / "avx512bf16_matmul.cc")
 # Every build's FFI targets, by CpuKernels field.
-BUILT_TARGETS = (("f32_matmul", F32_MATMUL), ("paged_attention", PAGED_ATTENTION), ("kv_write", KV_WRITE))
+BUILT_TARGETS = (("f32_matmul", F32_MATMUL), ("paged_attention", PAGED_ATTENTION), ("kv_write", KV_WRITE),
+                 ("decoder_layer", DECODER_LAYER))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -92,6 +97,7 @@ class CpuKernels:
     avx512bf16_matmul: bool = False  # AVX512_BF16
     kv_write: bool = False  # every build
     f32_matmul: bool = False  # every build
+    decoder_layer: bool = False  # every build
 
     @property
     def bf16_matmul(self) -> bool:

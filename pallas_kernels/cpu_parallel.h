@@ -8,6 +8,8 @@
 #include <atomic>
 #include <cstdint>
 #include <memory>
+#include <utility>
+#include <vector>
 
 #include "xla/ffi/api/ffi.h"
 
@@ -40,6 +42,42 @@ void ParallelFor(xla::ffi::ThreadPool& pool, int64_t items, Fn fn) {
   }
   work();
   while (state->done.load(std::memory_order_acquire) < items) _mm_pause();
+}
+
+// Runs phases in order, as one ParallelFor each but with a single hand-off to the pool:
+// fn(phase, item) for items 0 .. counts[phase] - 1 of every phase, and no item of a phase
+// before every item of the phases before it is done. Items are numbered across phases and
+// claimed in that order, so a thread waiting for its phase to open waits only on items other
+// threads are running; a helper that starts late joins the phase under way, and the calling
+// thread alone finishes everything if no helper comes.
+template <typename Fn>
+void RunPhases(xla::ffi::ThreadPool& pool, const std::vector<int64_t>& counts, Fn fn) {
+  struct State {
+    std::vector<int64_t> starts;  // starts[p]: the first item of phase p; back(): all items
+    std::atomic<int64_t> next{0};
+    std::atomic<int64_t> done{0};
+  };
+  auto state = std::make_shared<State>();
+  state->starts.push_back(0);
+  for (const int64_t count : counts) state->starts.push_back(state->starts.back() + count);
+  const int64_t total = state->starts.back();
+  auto work = [state, total, fn]() {
+    size_t phase = 0;
+    for (int64_t i; (i = state->next.fetch_add(1)) < total;) {
+      while (state->starts[phase + 1] <= i) ++phase;
+      while (state->done.load(std::memory_order_acquire) < state->starts[phase]) _mm_pause();
+      fn(static_cast<int>(phase), i - state->starts[phase]);
+      state->done.fetch_add(1, std::memory_order_release);
+    }
+  };
+  const int64_t widest = counts.empty() ? 0 : *std::max_element(counts.begin(), counts.end());
+  const int64_t helpers = std::min<int64_t>(pool.num_threads(), widest) - 1;
+  for (int64_t t = 0; t < helpers; ++t) {
+    auto copy = work;
+    pool.Schedule(std::move(copy));
+  }
+  work();
+  while (state->done.load(std::memory_order_acquire) < total) _mm_pause();
 }
 
 }  // namespace jaxinfer

@@ -33,7 +33,9 @@ struct V16 {
   friend V16 operator+(V16 a, V16 b) { return {_mm512_add_ps(a.v, b.v)}; }
   friend V16 operator-(V16 a, V16 b) { return {_mm512_sub_ps(a.v, b.v)}; }
   friend V16 operator*(V16 a, V16 b) { return {_mm512_mul_ps(a.v, b.v)}; }
+  friend V16 operator/(V16 a, V16 b) { return {_mm512_div_ps(a.v, b.v)}; }
   static V16 Max(V16 a, V16 b) { return {_mm512_max_ps(a.v, b.v)}; }
+  static V16 Min(V16 a, V16 b) { return {_mm512_min_ps(a.v, b.v)}; }
   // a * b + c, one rounding.
   static V16 Fma(V16 a, V16 b, V16 c) { return {_mm512_fmadd_ps(a.v, b.v, c.v)}; }
   // Lanes of the first n kept, the rest zero.
@@ -108,7 +110,9 @@ struct V16 {
   friend V16 operator+(V16 a, V16 b) { return {_mm256_add_ps(a.lo, b.lo), _mm256_add_ps(a.hi, b.hi)}; }
   friend V16 operator-(V16 a, V16 b) { return {_mm256_sub_ps(a.lo, b.lo), _mm256_sub_ps(a.hi, b.hi)}; }
   friend V16 operator*(V16 a, V16 b) { return {_mm256_mul_ps(a.lo, b.lo), _mm256_mul_ps(a.hi, b.hi)}; }
+  friend V16 operator/(V16 a, V16 b) { return {_mm256_div_ps(a.lo, b.lo), _mm256_div_ps(a.hi, b.hi)}; }
   static V16 Max(V16 a, V16 b) { return {_mm256_max_ps(a.lo, b.lo), _mm256_max_ps(a.hi, b.hi)}; }
+  static V16 Min(V16 a, V16 b) { return {_mm256_min_ps(a.lo, b.lo), _mm256_min_ps(a.hi, b.hi)}; }
   static V16 Fma(V16 a, V16 b, V16 c) { return {_mm256_fmadd_ps(a.lo, b.lo, c.lo), _mm256_fmadd_ps(a.hi, b.hi, c.hi)}; }
   V16 Keep(int64_t n) const {
     return {_mm256_and_ps(lo, _mm256_castsi256_ps(Lanes8(n, 0))), _mm256_and_ps(hi, _mm256_castsi256_ps(Lanes8(n, 8)))};
@@ -147,6 +151,18 @@ struct V16 {
 };
 
 #endif
+
+// e^x for x <= 0 (softmax scores minus their maximum): 2^n * p(r), r = x - n ln 2 in
+// [-ln2/2, ln2/2], p the degree-6 Taylor polynomial; relative error below 2e-7.
+inline V16 ExpNonPositive(V16 x) {
+  x = V16::Max(x, V16::Set1(-87.0f));
+  const V16 n = V16::RoundInt(x * V16::Set1(1.44269504088896341f));
+  V16 r = V16::Fma(n, V16::Set1(-0.693145751953125f), x);
+  r = V16::Fma(n, V16::Set1(-1.428606765330187e-06f), r);
+  V16 p = V16::Set1(1.0f / 720);
+  for (const float c : {1.0f / 120, 1.0f / 24, 1.0f / 6, 0.5f, 1.0f, 1.0f}) p = V16::Fma(p, r, V16::Set1(c));
+  return V16::Scale2(p, n);
+}
 
 }  // namespace jaxinfer
 

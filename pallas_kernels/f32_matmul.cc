@@ -10,45 +10,16 @@
 #include <cstdint>
 
 #include "cpu_matmul_tiles.h"
-#include "cpu_vec16.h"
+#include "f32_matmul_tile.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
 
 namespace {
 
+using jaxinfer::F32Tile;
+using jaxinfer::F32TileBlocks;
 using jaxinfer::kBlockCols;
-using jaxinfer::V16;  // one column block
-
-// Column blocks per register tile by its rows. AVX-512: 6 x 4 of the 32 registers hold sums.
-// AVX2's 16 registers: one row takes 4 blocks (8 sums), two rows 2, more rows 1 (up to 12 sums).
-#ifdef __AVX512F__
-constexpr int TileBlocks(int) { return 4; }
-#else
-constexpr int TileBlocks(int rows) { return rows == 1 ? 4 : rows == 2 ? 2 : 1; }
-#endif
-
-// Rows [0, R) of x times column blocks [0, C) of `panel` into y; the last block may be partial
-// (`last_cols` of its 16 columns are real).
-template <int R, int C>
-struct Tile {
-  static void Run(const float* x, int64_t k, const float* panel, int64_t block_stride, float* y, int64_t n,
-                  int last_cols) {
-    V16 acc[R][C];
-    for (int r = 0; r < R; ++r)
-      for (int c = 0; c < C; ++c) acc[r][c] = V16::Zero();
-    for (int64_t kk = 0; kk < k; ++kk) {
-      V16 w[C];
-      for (int c = 0; c < C; ++c) w[c] = V16::Load(panel + c * block_stride + kk * kBlockCols);
-      for (int r = 0; r < R; ++r) {
-        const V16 xr = V16::Set1(x[r * k + kk]);
-        for (int c = 0; c < C; ++c) acc[r][c] = V16::Fma(xr, w[c], acc[r][c]);
-      }
-    }
-    for (int r = 0; r < R; ++r)
-      for (int c = 0; c < C; ++c) acc[r][c].Store(c == C - 1 ? last_cols : kBlockCols, y + r * n + c * kBlockCols);
-  }
-};
 
 ffi::Error Matmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> packed,
                   ffi::ResultBuffer<ffi::F32> y) {
@@ -62,9 +33,9 @@ ffi::Error Matmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi
   const float* wp = packed.typed_data();
   float* yp = y->typed_data();
   const int64_t block_stride = k * kBlockCols;
-  jaxinfer::ForEachTile<TileBlocks>(pool, m, n, blocks, [=](int64_t r0, int rows, int64_t block0, int count,
+  jaxinfer::ForEachTile<F32TileBlocks>(pool, m, n, blocks, [=](int64_t r0, int rows, int64_t block0, int count,
                                                              int last_cols) {
-    jaxinfer::TileTable<Tile, TileBlocks>::For(rows, count)(xp + r0 * k, k, wp + block0 * block_stride, block_stride,
+    jaxinfer::TileTable<F32Tile, F32TileBlocks>::For(rows, count)(xp + r0 * k, k, wp + block0 * block_stride, block_stride,
                                                             yp + r0 * n + block0 * kBlockCols, n, last_cols);
   });
   return ffi::Error::Success();

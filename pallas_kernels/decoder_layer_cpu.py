@@ -1,0 +1,126 @@
+"""A whole float32 Llama decoder layer of a decode step in one call on CPU: the kernel of
+``decoder_layer_cpu.cc`` and its jnp reference.
+
+At batch 1 a SmolLM2 layer's matmuls stream its weights in ~0.4 ms, and around them XLA ran ~20
+small ops (two RMSNorms, rope, two K/V scatters, residual adds, the activation) with a hand-off
+between its threads at each: ~1.5 ms of a 14.6 ms step (``benchmarks/profile_step.py``). The
+kernel runs the layer's phases back to back on the same threads. Its projections sum exactly as
+``f32_matmul``'s kernel does and its attention is ``paged_attention_cpu``'s code; the norms, rope
+and activation agree with the reference to float32 rounding.
+
+``jaxinfer.model.DecoderLayer`` calls ``decoder_layer_cpu`` for decode steps of layers it fits
+(float32 activations and pages, q/k/v fused, weights packed by ``f32_matmul.pack``, no q/k norms
+and no bias but q/k/v's) once ``cpu_native.enable`` has turned it on; every other step runs the
+layer as separate ops, as ``decoder_layer_reference`` does here.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from pallas_kernels import cpu_native
+from pallas_kernels.f32_matmul import f32_matmul_reference
+from pallas_kernels.paged_attention import paged_attention_reference
+from pallas_kernels.paged_kv import PagedKV
+
+
+@functools.partial(jax.tree_util.register_dataclass,
+                   data_fields=["input_norm", "qkv", "qkv_bias", "o", "post_norm", "gate", "up", "down"], meta_fields=[])
+@dataclasses.dataclass(frozen=True)
+class LayerWeights:
+    """One layer's weights: norms' scales ``[embed]``; projections packed by ``f32_matmul.pack``
+    (``qkv``: q's, k's then v's output columns; ``qkv_bias`` ``[q + 2 kv columns]`` or None)."""
+
+    input_norm: jax.Array
+    qkv: jax.Array
+    qkv_bias: jax.Array | None
+    o: jax.Array
+    post_norm: jax.Array
+    gate: jax.Array
+    up: jax.Array
+    down: jax.Array
+
+
+@functools.partial(jax.tree_util.register_dataclass,
+                   data_fields=["slots", "block_tables", "seq_lens", "positions", "cos", "sin"], meta_fields=[])
+@dataclasses.dataclass(frozen=True)
+class DecodeRows:
+    """Where each row's new token goes and what it sees: ``slots``, ``seq_lens``, ``positions``
+    ``[batch]`` int32 (as ``AttentionMetadata``'s, for one token per row), ``block_tables``
+    ``[batch, pages_per_seq]`` int32, rope's ``cos`` and ``sin`` of the positions ``[batch, head_dim / 2]``."""
+
+    slots: jax.Array
+    block_tables: jax.Array
+    seq_lens: jax.Array
+    positions: jax.Array
+    cos: jax.Array
+    sin: jax.Array
+
+
+@dataclasses.dataclass(frozen=True)
+class LayerShape:
+    """What the weights' shapes leave open: query heads, the norms' epsilon, the attention scale and
+    sliding window (None: none)."""
+
+    heads: int
+    eps: float
+    scale: float
+    sliding_window: int | None = None
+
+
+def decoder_layer_reference(x: jax.Array, w: LayerWeights, kv: PagedKV, rows: DecodeRows,
+                            shape: LayerShape) -> tuple[jax.Array, PagedKV]:
+    """``x [batch, embed]`` float32 -> (``x`` after the layer, the pools with each row's new K/V
+    written at its slot), through XLA."""
+    batch, embed = x.shape
+    kv_heads, head_dim = kv.k.shape[1], kv.k.shape[3]
+    q_dim, kv_dim = shape.heads * head_dim, kv_heads * head_dim
+
+    def norm(v, scale):
+        return v * jax.lax.rsqrt(jnp.mean(v * v, axis=-1, keepdims=True) + shape.eps) * scale
+
+    def rope(v):  # [batch, heads, head_dim]
+        v1, v2 = jnp.split(v, 2, axis=-1)
+        c, s = rows.cos[:, None], rows.sin[:, None]
+        return jnp.concatenate([v1 * c - v2 * s, v2 * c + v1 * s], axis=-1)
+
+    qkv = f32_matmul_reference(norm(x, w.input_norm), w.qkv, q_dim + 2 * kv_dim)
+    if w.qkv_bias is not None:
+        qkv = qkv + w.qkv_bias
+    q = rope(qkv[:, :q_dim].reshape(batch, shape.heads, head_dim))
+    k = rope(qkv[:, q_dim:q_dim + kv_dim].reshape(batch, kv_heads, head_dim))
+    v = qkv[:, q_dim + kv_dim:].reshape(batch, kv_heads, head_dim)
+    page_size = kv.k.shape[2]
+    pages, offsets = rows.slots // page_size, rows.slots % page_size
+    kv = dataclasses.replace(kv, k=kv.k.at[pages, :, offsets].set(k), v=kv.v.at[pages, :, offsets].set(v))
+    o = paged_attention_reference(q[:, None], kv, rows.block_tables, rows.seq_lens, rows.positions[:, None],
+                                  scale=shape.scale, sliding_window=shape.sliding_window)
+    x = x + f32_matmul_reference(o.reshape(batch, q_dim), w.o, embed)
+    h = norm(x, w.post_norm)
+    inter = w.down.shape[1]
+    mlp = jax.nn.silu(f32_matmul_reference(h, w.gate, inter)) * f32_matmul_reference(h, w.up, inter)
+    return x + f32_matmul_reference(mlp, w.down, embed), kv
+
+
+def decoder_layer_cpu(x: jax.Array, w: LayerWeights, kv: PagedKV, rows: DecodeRows,
+                      shape: LayerShape) -> tuple[jax.Array, PagedKV]:
+    """The kernel (``cpu_native.enable`` must have turned it on); as ``decoder_layer_reference``.
+    With the pools donated, the K/V writes update them in place."""
+    if x.dtype != jnp.float32 or kv.bits or kv.k.dtype != jnp.float32 or x.ndim != 2:
+        raise ValueError("the decoder layer kernel takes float32 x [batch, embed] over float32 pages")
+    bias = w.qkv_bias if w.qkv_bias is not None else jnp.zeros((0,), jnp.float32)
+    out, k, v = jax.ffi.ffi_call(
+        cpu_native.DECODER_LAYER,
+        (jax.ShapeDtypeStruct(x.shape, jnp.float32), jax.ShapeDtypeStruct(kv.k.shape, jnp.float32),
+         jax.ShapeDtypeStruct(kv.v.shape, jnp.float32)),
+        input_output_aliases={6: 1, 7: 2},
+    )(x, w.input_norm, w.qkv, bias, rows.cos, rows.sin, kv.k, kv.v, *(a.astype(jnp.int32) for a in (
+        rows.slots, rows.block_tables, rows.seq_lens, rows.positions)), w.o, w.post_norm, w.gate, w.up, w.down,
+      eps=np.float32(shape.eps), scale=np.float32(shape.scale), window=np.int64(shape.sliding_window or 0),
+      heads=np.int64(shape.heads))
+    return out, dataclasses.replace(kv, k=k, v=v)

@@ -1,0 +1,154 @@
+// The attention of one sequence's query rows over its paged K/V, on CPU with AVX-512 or AVX2:
+// shared by paged_attention_cpu.cc (decode and prefill attention) and decoder_layer_cpu.cc (a
+// whole decode layer). Pools are [num_pages, KVH, page_size, D] of float32 or bfloat16.
+#ifndef JAXINFER_PAGED_ATTENTION_CPU_H_
+#define JAXINFER_PAGED_ATTENTION_CPU_H_
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <vector>
+
+#include "cpu_vec16.h"
+
+namespace jaxinfer {
+
+// Query heads whose weighted values one pass over the value rows sums: 4 x 4 accumulators fit
+// AVX-512's 32 registers; AVX2's 16 hold those of one head (each V16 is two registers there).
+#ifdef __AVX512F__
+constexpr int64_t kHeadsAtOnce = 4;
+#else
+constexpr int64_t kHeadsAtOnce = 1;
+#endif
+
+struct Shapes {
+  int64_t heads, kv_heads, group, head_dim, page_size, pages_per_seq, num_pages;
+};
+
+// Scores of G query heads (q: [G, d]) against keys rows[0 .. n): 16 keys at a time, each key
+// read (and widened) once for the G heads, each head's lane-wise products over head_dim in order,
+// then the 16 keys' sums reduced together. scores: [G, n].
+template <int G, typename T>
+void Scores(const float* q, const T* k, const int64_t* rows, int64_t n, int64_t d, float scale, float* scores) {
+  V16 partial[G][16];
+  for (int64_t t0 = 0; t0 < n; t0 += 16) {
+    const int64_t keys = std::min<int64_t>(16, n - t0);
+    for (int64_t j = 0; j < 16; ++j) {
+      V16 acc[G];
+      for (int g = 0; g < G; ++g) acc[g] = V16::Zero();
+      if (j < keys) {
+        const T* kr = k + rows[t0 + j];
+        for (int64_t i = 0; i < d; i += 16) {
+          const V16 kv = V16::Load(d - i, kr + i);
+          for (int g = 0; g < G; ++g) acc[g] = V16::Fma(V16::Load(d - i, q + g * d + i), kv, acc[g]);
+        }
+      }
+      for (int g = 0; g < G; ++g) partial[g][j] = acc[g];
+    }
+    for (int g = 0; g < G; ++g) (V16::ReduceEach(partial[g]) * V16::Set1(scale)).Store(keys, scores + g * n + t0);
+  }
+}
+
+// out[G, d] = the weights p [G, n] (unnormalized; total: their sums) times values rows[0 .. n),
+// 64 of head_dim at a time, summed in registers over the keys in order; each value row read (and
+// widened) once for the G heads.
+template <int G, typename T>
+void WeightedValues(const float* p, const T* v, const int64_t* rows, int64_t n, int64_t d, const float* total,
+                    float* out) {
+  for (int64_t i0 = 0; i0 < d; i0 += 64) {
+    const int64_t live = d - i0;
+    V16 acc[G][4];
+    for (int g = 0; g < G; ++g)
+      for (int c = 0; c < 4; ++c) acc[g][c] = V16::Zero();
+    for (int64_t t = 0; t < n; ++t) {
+      const T* vr = v + rows[t] + i0;
+      V16 vv[4];
+      for (int c = 0; c < 4; ++c) vv[c] = live > 16 * c ? V16::Load(live - 16 * c, vr + 16 * c) : V16::Zero();
+      for (int g = 0; g < G; ++g) {
+        const V16 w = V16::Set1(p[g * n + t]);
+        for (int c = 0; c < 4; ++c)
+          if (live > 16 * c) acc[g][c] = V16::Fma(w, vv[c], acc[g][c]);
+      }
+    }
+    for (int g = 0; g < G; ++g) {
+      const V16 inv = V16::Set1(1.0f / total[g]);
+      for (int c = 0; c < 4; ++c) (acc[g][c] * inv).Store(live - 16 * c, out + g * d + i0 + 16 * c);
+    }
+  }
+}
+
+template <typename T>  // the pages' element: float, or uint16_t holding a bfloat16
+// offsets[t]: where token t's row of this sequence and KV head starts in a pool, for every t the
+// block table covers up to len.
+void AttendGroup(const Shapes& s, const float* q, const T* k, const T* v, const int64_t* offsets, int32_t len,
+                 int32_t q_pos, int64_t kvh, float scale, int64_t window, float* out) {
+  const int64_t g_count = s.group, d = s.head_dim;
+  const float* qg = q + kvh * g_count * d;
+  float* og = out + kvh * g_count * d;
+  // Never past the block table, whatever seq_lens says (the reference clamps its reads too).
+  const int64_t hi = std::min({int64_t{len}, int64_t{q_pos} + 1, s.pages_per_seq * s.page_size});
+  const int64_t lo = window > 0 ? std::max<int64_t>(0, int64_t{q_pos} - window + 1) : 0;
+  const int64_t n = hi - lo;
+  if (len <= 0 || n <= 0) {  // padding row, or nothing visible: zeros, as the reference gives
+    std::memset(og, 0, sizeof(float) * g_count * d);
+    return;
+  }
+  thread_local std::vector<float> scores;
+  scores.resize(g_count * n);
+  const int64_t* rows = offsets + lo;
+  for (int64_t g0 = 0; g0 < g_count; g0 += kHeadsAtOnce) {
+    const int64_t heads = std::min(kHeadsAtOnce, g_count - g0);
+    float* sg = scores.data() + g0 * n;
+    const float* qh = qg + g0 * d;
+    switch (heads) {
+      case 1: Scores<1>(qh, k, rows, n, d, scale, sg); break;
+      case 2: Scores<2>(qh, k, rows, n, d, scale, sg); break;
+      case 3: Scores<3>(qh, k, rows, n, d, scale, sg); break;
+      default: Scores<4>(qh, k, rows, n, d, scale, sg); break;
+    }
+  }
+  thread_local std::vector<float> total;
+  total.resize(g_count);
+  for (int64_t g = 0; g < g_count; ++g) {
+    float* sg = scores.data() + g * n;
+    V16 top = V16::Set1(-INFINITY);
+    for (int64_t i = 0; i < n; i += 16) top = V16::Max(top, V16::Load(n - i, sg + i, -INFINITY));
+    const V16 m = V16::Set1(top.ReduceMax());
+    V16 sum = V16::Zero();
+    for (int64_t i = 0; i < n; i += 16) {
+      const V16 e = ExpNonPositive(V16::Load(n - i, sg + i) - m);
+      e.Store(n - i, sg + i);
+      sum = sum + e.Keep(n - i);
+    }
+    total[g] = sum.ReduceAdd();
+  }
+  for (int64_t g0 = 0; g0 < g_count; g0 += kHeadsAtOnce) {
+    const int64_t heads = std::min(kHeadsAtOnce, g_count - g0);
+    const float* pg = scores.data() + g0 * n;
+    float* o = og + g0 * d;
+    switch (heads) {
+      case 1: WeightedValues<1>(pg, v, rows, n, d, total.data() + g0, o); break;
+      case 2: WeightedValues<2>(pg, v, rows, n, d, total.data() + g0, o); break;
+      case 3: WeightedValues<3>(pg, v, rows, n, d, total.data() + g0, o); break;
+      default: WeightedValues<4>(pg, v, rows, n, d, total.data() + g0, o); break;
+    }
+  }
+}
+
+// Where each of a sequence's first `len` tokens' rows starts in a pool for KV head `kvh`,
+// page by page from its block table row (pages clamped into the pool, tokens to the table).
+inline void TokenOffsets(const Shapes& s, const int32_t* table, int32_t len, int64_t kvh,
+                         std::vector<int64_t>& offsets) {
+  const int64_t covered = std::clamp<int64_t>(len, 0, s.pages_per_seq * s.page_size);
+  offsets.resize(covered);
+  for (int64_t p = 0, t = 0; t < covered; ++p) {
+    const int64_t page = std::clamp<int64_t>(table[p], 0, s.num_pages - 1);
+    const int64_t base = (page * s.kv_heads + kvh) * s.page_size * s.head_dim;
+    for (int64_t o = 0; o < s.page_size && t < covered; ++o, ++t) offsets[t] = base + o * s.head_dim;
+  }
+}
+
+}  // namespace jaxinfer
+
+#endif  // JAXINFER_PAGED_ATTENTION_CPU_H_
