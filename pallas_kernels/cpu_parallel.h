@@ -3,9 +3,14 @@
 #define JAXINFER_CPU_PARALLEL_H_
 
 #include <immintrin.h>
+#include <linux/futex.h>
+#include <sys/syscall.h>
+#include <unistd.h>
 
 #include <algorithm>
 #include <atomic>
+#include <chrono>
+#include <climits>
 #include <cstdint>
 #include <memory>
 #include <utility>
@@ -14,6 +19,41 @@
 #include "xla/ffi/api/ffi.h"
 
 namespace jaxinfer {
+
+// Items finished, for threads that wait on them. A wait spins for a few microseconds (what a
+// share of work left over usually takes) and then sleeps on a futex: when the thread it waits
+// for has lost its core (the host's Python thread shares two cores with XLA's), a spinning waiter
+// would keep that core busy for nothing, while a sleeping one lets the OS run the late thread on
+// it.
+class DoneCount {
+ public:
+  void Add() {
+    count_.fetch_add(1);
+    if (sleepers_.load() > 0) syscall(SYS_futex, &count_, FUTEX_WAKE_PRIVATE, INT_MAX, nullptr, nullptr, 0);
+  }
+
+  int32_t Load() const { return count_.load(std::memory_order_acquire); }
+
+  void AwaitAtLeast(int32_t target) {
+    if (Load() >= target) return;
+    const auto spin_until = std::chrono::steady_clock::now() + std::chrono::microseconds(kSpinMicros);
+    for (int spins = 0; Load() < target; ++spins) {
+      if (spins % 64 != 63 || std::chrono::steady_clock::now() < spin_until) {
+        _mm_pause();
+        continue;
+      }
+      sleepers_.fetch_add(1);
+      const int32_t seen = count_.load();
+      if (seen < target) syscall(SYS_futex, &count_, FUTEX_WAIT_PRIVATE, seen, nullptr, nullptr, 0);
+      sleepers_.fetch_sub(1);
+    }
+  }
+
+ private:
+  static constexpr int kSpinMicros = 20;
+  std::atomic<int32_t> count_{0};
+  std::atomic<int32_t> sleepers_{0};
+};
 
 struct NoThreadSetup {};
 
@@ -24,7 +64,7 @@ template <typename ThreadSetup = NoThreadSetup, typename Fn>
 void ParallelFor(xla::ffi::ThreadPool& pool, int64_t items, Fn fn) {
   struct State {
     std::atomic<int64_t> next{0};
-    std::atomic<int64_t> done{0};
+    DoneCount done;
   };
   auto state = std::make_shared<State>();
   auto work = [state, items, fn]() {
@@ -32,7 +72,7 @@ void ParallelFor(xla::ffi::ThreadPool& pool, int64_t items, Fn fn) {
     [[maybe_unused]] ThreadSetup setup;
     for (int64_t i; (i = state->next.fetch_add(1)) < items;) {
       fn(i);
-      state->done.fetch_add(1, std::memory_order_release);
+      state->done.Add();
     }
   };
   const int64_t helpers = std::min<int64_t>(pool.num_threads(), items) - 1;
@@ -41,7 +81,7 @@ void ParallelFor(xla::ffi::ThreadPool& pool, int64_t items, Fn fn) {
     pool.Schedule(std::move(copy));
   }
   work();
-  while (state->done.load(std::memory_order_acquire) < items) _mm_pause();
+  state->done.AwaitAtLeast(static_cast<int32_t>(items));
 }
 
 // Runs phases in order, as one ParallelFor each but with a single hand-off to the pool:
@@ -55,7 +95,7 @@ void RunPhases(xla::ffi::ThreadPool& pool, const std::vector<int64_t>& counts, F
   struct State {
     std::vector<int64_t> starts;  // starts[p]: the first item of phase p; back(): all items
     std::atomic<int64_t> next{0};
-    std::atomic<int64_t> done{0};
+    DoneCount done;
   };
   auto state = std::make_shared<State>();
   state->starts.push_back(0);
@@ -65,9 +105,9 @@ void RunPhases(xla::ffi::ThreadPool& pool, const std::vector<int64_t>& counts, F
     size_t phase = 0;
     for (int64_t i; (i = state->next.fetch_add(1)) < total;) {
       while (state->starts[phase + 1] <= i) ++phase;
-      while (state->done.load(std::memory_order_acquire) < state->starts[phase]) _mm_pause();
+      state->done.AwaitAtLeast(static_cast<int32_t>(state->starts[phase]));
       fn(static_cast<int>(phase), i - state->starts[phase]);
-      state->done.fetch_add(1, std::memory_order_release);
+      state->done.Add();
     }
   };
   const int64_t widest = counts.empty() ? 0 : *std::max_element(counts.begin(), counts.end());
@@ -77,7 +117,7 @@ void RunPhases(xla::ffi::ThreadPool& pool, const std::vector<int64_t>& counts, F
     pool.Schedule(std::move(copy));
   }
   work();
-  while (state->done.load(std::memory_order_acquire) < total) _mm_pause();
+  state->done.AwaitAtLeast(static_cast<int32_t>(total));
 }
 
 }  // namespace jaxinfer

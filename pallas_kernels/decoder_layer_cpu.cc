@@ -46,11 +46,19 @@ struct Projection {
   int64_t k, n;
   TileGrid grid;
 
-  Projection(const float* x, const float* packed, float* y, int64_t m, int64_t k, int64_t n)
+  Projection(const float* x, const float* packed, float* y, int64_t m, int64_t k, int64_t n, int64_t threads)
       : x(x), packed(packed), y(y), k(k), n(n),
-        // Two-block panels at one or two rows: a down projection is then 18 items instead of 9,
-        // which two threads share evenly.
-        grid{m, n, (n + kBlockCols - 1) / kBlockCols, m <= 2 ? 2 : jaxinfer::kPanelBlocks} {}
+        grid{m, n, (n + kBlockCols - 1) / kBlockCols, PanelBlocks((n + kBlockCols - 1) / kBlockCols, m, threads)} {}
+
+  // At decode's few rows an item streams its panel's blocks, and more blocks (streams) per item
+  // read faster; the widest panel whose items the threads share evenly (a [576, 576] projection:
+  // 12 items of 3 blocks instead of 9 of 4).
+  static int64_t PanelBlocks(int64_t blocks, int64_t m, int64_t threads) {
+    if (m > jaxinfer::kTileRows || threads < 2) return jaxinfer::kPanelBlocks;
+    for (int64_t panel = jaxinfer::kPanelBlocks; panel >= 2; --panel)
+      if ((blocks + panel - 1) / panel % threads == 0) return panel;
+    return jaxinfer::kPanelBlocks;
+  }
 
   void Run(int64_t item) const {
     const int64_t stride = k * kBlockCols;
@@ -149,11 +157,12 @@ ffi::Error DecoderLayer(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buff
   float* up = gate + batch * inter;
 
   const jaxinfer::Shapes s{heads, kvh, heads / kvh, d, kd[2], td[1], kd[0]};
-  const Projection qkv_proj(h, qkv_w.typed_data(), qkv, batch, e, qkv_n);
-  const Projection o_proj(attn, o_w.typed_data(), projected, batch, q_dim, e);
-  const Projection gate_proj(h, gate_w.typed_data(), gate, batch, e, inter);
-  const Projection up_proj(h, up_w.typed_data(), up, batch, e, inter);
-  const Projection down_proj(gate, down_w.typed_data(), projected, batch, inter, e);
+  const int64_t threads = pool.num_threads();
+  const Projection qkv_proj(h, qkv_w.typed_data(), qkv, batch, e, qkv_n, threads);
+  const Projection o_proj(attn, o_w.typed_data(), projected, batch, q_dim, e, threads);
+  const Projection gate_proj(h, gate_w.typed_data(), gate, batch, e, inter, threads);
+  const Projection up_proj(h, up_w.typed_data(), up, batch, e, inter, threads);
+  const Projection down_proj(gate, down_w.typed_data(), projected, batch, inter, e, threads);
   const float* xp = x.typed_data();
   const float* bias = Count(qkv_bias) ? qkv_bias.typed_data() : nullptr;
   float* outp = out->typed_data();
