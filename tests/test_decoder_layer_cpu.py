@@ -67,10 +67,11 @@ def make_case(rng, heads, kv_heads, head_dim, embed, inter, page_size, lens, bia
 # sliding window, q/k/v bias)
 CASES = [
     (9, 3, 64, 576, 1536, 64, [200], None, False),  # SmolLM2's layer at batch 1
-    (9, 3, 64, 576, 1536, 64, [1, 64, 65, 0, 130], None, False),
+    (9, 3, 64, 576, 1536, 64, [1, 64, 65, 0, 300], None, False),
     (4, 2, 16, 72, 100, 16, [9, 30, 0], None, True),  # widths off the vector and the panels
     (4, 4, 80, 40, 24, 16, [17, 33, 5, 1, 2, 3, 4, 8, 9], None, False),  # more rows than one register tile
     (8, 2, 16, 64, 96, 16, [40, 30, 3], 8, False),
+    (4, 2, 32, 64, 96, 16, [300, 20], 150, False),  # a window of 150 keys in a longer context
 ]
 
 
@@ -93,7 +94,7 @@ def test_kernel_matches_reference(heads, kv_heads, head_dim, embed, inter, page_
 
 def test_rows_do_not_depend_on_the_batch():
     """A row's result is the same bits alone as in a batch of five (batch invariance)."""
-    x, w, kv, rows = make_case(np.random.default_rng(0), 9, 3, 64, 576, 1536, 64, [1, 64, 65, 0, 130], False)
+    x, w, kv, rows = make_case(np.random.default_rng(0), 9, 3, 64, 576, 1536, 64, [1, 64, 65, 0, 300], False)
     shape = LayerShape(heads=9, eps=1e-5, scale=0.125)
     layer = jax.jit(decoder_layer_cpu, static_argnums=4)
     batch_x, _ = layer(x, w, kv, rows, shape)
