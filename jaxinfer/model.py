@@ -32,7 +32,7 @@ from jaxinfer.kv_cache import AttentionMetadata, KVCache, write_kv
 from jaxinfer.reductions import sum_last_axis
 from pallas_kernels import cpu_native, dispatch
 from pallas_kernels.bf16_matmul import bf16_matmul, narrow_weight_dot
-from pallas_kernels.decoder_layer_cpu import DecodeRows, LayerShape, LayerWeights, decoder_layer_cpu
+from pallas_kernels.decoder_layer_cpu import LayerShape, LayerWeights, StepTokens, decoder_layer_cpu
 from pallas_kernels.bf16_matmul import pack as bf16_pack
 from pallas_kernels.f32_matmul import f32_matmul
 from pallas_kernels.f32_matmul import pack as f32_pack
@@ -210,8 +210,8 @@ class MLP(nn.Module):
 
 
 class DecoderLayer(nn.Module):
-    """On CPU a decode step's layer runs as one kernel call (``pallas_kernels.decoder_layer_cpu``)
-    when it fits there; otherwise as the modules below."""
+    """On CPU the layer runs as one kernel call (``pallas_kernels.decoder_layer_cpu``) when it fits
+    there; otherwise as the modules below."""
 
     config: ModelConfig
     dtype: Dtype = jnp.float32
@@ -222,14 +222,13 @@ class DecoderLayer(nn.Module):
         c = self.config
         weights = self._kernel_weights(x, cache)
         if weights is not None:
-            batch, half = x.shape[0], c.head_dim // 2
-            rows = DecodeRows(slots=meta.slot_mapping[:, 0], block_tables=meta.block_tables, seq_lens=meta.seq_lens,
-                              positions=meta.positions[:, 0], cos=rotation[0].reshape(batch, half),
-                              sin=rotation[1].reshape(batch, half))
+            rotated = (*x.shape[:2], c.head_dim // 2)
+            tokens = StepTokens(slots=meta.slot_mapping, block_tables=meta.block_tables, seq_lens=meta.seq_lens,
+                                positions=meta.positions, cos=rotation[0].reshape(rotated),
+                                sin=rotation[1].reshape(rotated))
             shape = LayerShape(heads=c.num_heads, eps=c.rms_norm_eps, scale=c.head_dim**-0.5,
                                sliding_window=c.sliding_window)
-            out, cache = decoder_layer_cpu(x[:, 0], weights, cache, rows, shape)
-            return out[:, None], cache
+            return decoder_layer_cpu(x, weights, cache, tokens, shape)
         h = RMSNorm(c.rms_norm_eps, dtype=self.dtype, name="input_norm")(x)
         a, cache = Attention(c, self.dtype, self.fused_qkv, name="attn")(h, cache, meta, rotation)
         x = x + a
@@ -238,11 +237,11 @@ class DecoderLayer(nn.Module):
         return x, cache
 
     def _kernel_weights(self, x: jax.Array, cache: PagedKV) -> LayerWeights | None:
-        """The layer's weights for ``decoder_layer_cpu`` when this is a decode step (x ``[batch, 1,
-        embed]``) the kernel runs: float32 activations and pages, q/k/v fused and every projection
-        packed for ``f32_matmul``, no q/k norms and no bias but q/k/v's. Else None."""
+        """The layer's weights for ``decoder_layer_cpu`` when the kernel runs it: float32
+        activations and pages, q/k/v fused and every projection packed for ``f32_matmul``, no q/k
+        norms and no bias but q/k/v's. Else None."""
         c = self.config
-        if (x.shape[1] != 1 or self.dtype != jnp.float32 or cache.bits or cache.k.dtype != jnp.float32
+        if (x.dtype != jnp.float32 or self.dtype != jnp.float32 or cache.bits or cache.k.dtype != jnp.float32
                 or not self.fused_qkv or c.qk_norm or c.o_bias or c.mlp_bias or c.weight_quant is not None
                 or not (dispatch.cpu_kernels() and cpu_native.kernels().decoder_layer)):
             return None

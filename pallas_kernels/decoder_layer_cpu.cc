@@ -1,21 +1,23 @@
-// One Llama decoder layer of a decode step (one new token per sequence), float32 on CPU with
-// AVX-512 or AVX2, as one call: what decoder_layer_reference computes.
+// One Llama decoder layer of a step (a decode step's one token per sequence, or a prefill
+// chunk's L), float32 on CPU with AVX-512 or AVX2, as one call: what decoder_layer_reference
+// computes.
 //
 //   h = rmsnorm(x) * input_norm;  q, k, v = h @ Wqkv (+ bias);  rope on q and k;
-//   k, v written at each row's slot;  o = paged attention of q;  x1 = x + o @ Wo;
+//   k, v written at each token's slot;  o = causal paged attention of q;  x1 = x + o @ Wo;
 //   h2 = rmsnorm(x1) * post_norm;  out = x1 + (silu(h2 @ Wgate) * (h2 @ Wup)) @ Wdown
 //
-// x [B, E]; weights packed as f32_matmul.pack does ([ceil(N / 16), K, 16]); cos, sin [B, D / 2];
-// K/V pools [num_pages, KVH, page_size, D] float32, updated in place (aliased to the results);
-// slots, seq_lens, positions [B], block_tables [B, P] int32.
+// x [B, L, E]; weights packed as f32_matmul.pack does ([ceil(N / 16), K, 16]); cos, sin
+// [B, L, D / 2]; K/V pools [num_pages, KVH, page_size, D] float32, updated in place (aliased to the
+// results); slots, positions [B, L], seq_lens [B], block_tables [B, P] int32.
 //
 // Why one call: at batch 1 a layer's weights take ~0.4 ms to stream, and as separate XLA ops the
 // norms, rope, K/V writes, residual adds and the activation cost ~20 small ops and as many
 // hand-offs between XLA's threads per layer (~1.5 ms of a 14.6 ms SmolLM2 step, profile_step.py).
 // Here the phases run back to back on the same threads (RunPhases). The projections use the
 // standalone matmul's tile (f32_matmul_tile.h) and the attention its kernel's code
-// (paged_attention_cpu.h), so every product sums in the same order as there, and each row's
-// result depends on nothing else in the batch.
+// (paged_attention_cpu.h), so every product sums in the same order as there. Each token's result
+// depends on nothing else in the step, and decode steps and prefill chunks compute a token alike,
+// bit for bit: a sequence preempted and recomputed by prefill resumes exactly where it was.
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
@@ -116,6 +118,10 @@ bool SameDims(ffi::Span<const int64_t> a, ffi::Span<const int64_t> b) {
 int64_t Count(const ffi::Buffer<ffi::F32>& b) { return static_cast<int64_t>(b.element_count()); }
 int64_t Count(const ffi::Buffer<ffi::S32>& b) { return static_cast<int64_t>(b.element_count()); }
 
+// A prefill chunk's tokens attended per work item (with one KV head of their sequence): they read
+// the same keys while those are in cache, as in paged_attention_cpu.cc.
+constexpr int64_t kRowsPerItem = 16;
+
 enum Phase { kInputNorm, kQkv, kRopeWrite, kAttend, kOut, kPostNorm, kGateUp, kActivation, kDown, kResidual };
 
 ffi::Error DecoderLayer(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> input_norm,
@@ -129,40 +135,41 @@ ffi::Error DecoderLayer(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buff
                         int64_t window, int64_t heads) {
   const auto xd = x.dimensions(), kd = k_pool.dimensions(), td = block_tables.dimensions();
   const auto qd = qkv_w.dimensions(), od = o_w.dimensions(), gd = gate_w.dimensions(), dd = down_w.dimensions();
-  if (xd.size() != 2 || kd.size() != 4 || td.size() != 2 || qd.size() != 3 || od.size() != 3 || gd.size() != 3 ||
+  if (xd.size() != 3 || kd.size() != 4 || td.size() != 2 || qd.size() != 3 || od.size() != 3 || gd.size() != 3 ||
       dd.size() != 3 || !SameDims(v_pool.dimensions(), kd) || !SameDims(up_w.dimensions(), gd) || heads <= 0 || heads % kd[1] != 0)
     return ffi::Error::InvalidArgument("jaxinfer_decoder_layer: operands of the wrong rank");
-  const int64_t batch = xd[0], e = xd[1], kvh = kd[1], d = kd[3], q_dim = heads * d, kv_dim = kvh * d;
+  const int64_t batch = xd[0], q_len = xd[1], tokens = batch * q_len, e = xd[2];
+  const int64_t kvh = kd[1], d = kd[3], q_dim = heads * d, kv_dim = kvh * d;
   const int64_t qkv_n = q_dim + 2 * kv_dim, inter = dd[1];
   const auto blocks = [](int64_t n) { return (n + kBlockCols - 1) / kBlockCols; };
   if (qd[1] != e || qd[0] != blocks(qkv_n) || od[1] != q_dim || od[0] != blocks(e) || gd[1] != e ||
       gd[0] != blocks(inter) || dd[0] != blocks(e) || Count(input_norm) != e || Count(post_norm) != e ||
-      (Count(qkv_bias) != 0 && Count(qkv_bias) != qkv_n) || Count(cos) != batch * d / 2 ||
-      Count(sin) != batch * d / 2 || d % 2 != 0 || Count(slots) != batch || Count(seq_lens) != batch ||
-      Count(positions) != batch || td[0] != batch)
+      (Count(qkv_bias) != 0 && Count(qkv_bias) != qkv_n) || Count(cos) != tokens * d / 2 ||
+      Count(sin) != tokens * d / 2 || d % 2 != 0 || Count(slots) != tokens || Count(seq_lens) != batch ||
+      Count(positions) != tokens || td[0] != batch)
     return ffi::Error::InvalidArgument("jaxinfer_decoder_layer: shapes do not match");
   // XLA hands over the pools aliased to the results: updating the results updates the cache.
   if (k_out->typed_data() != k_pool.typed_data() || v_out->typed_data() != v_pool.typed_data())
     return ffi::Error::InvalidArgument("jaxinfer_decoder_layer: the pools must be aliased to the results");
 
-  // Scratch: h [B, E] (both norms' outputs), qkv [B, qkv_n], attention [B, q_dim], projected
-  // [B, E] (o and down projections), gate and up [B, inter].
+  // Scratch, per token: h [E] (both norms' outputs), qkv [qkv_n], attention [q_dim], projected [E]
+  // (o and down projections), gate and up [inter].
   thread_local std::vector<float> scratch;
-  scratch.resize(batch * (2 * e + qkv_n + q_dim + 2 * inter));
+  scratch.resize(tokens * (2 * e + qkv_n + q_dim + 2 * inter));
   float* h = scratch.data();
-  float* qkv = h + batch * e;
-  float* attn = qkv + batch * qkv_n;
-  float* projected = attn + batch * q_dim;
-  float* gate = projected + batch * e;
-  float* up = gate + batch * inter;
+  float* qkv = h + tokens * e;
+  float* attn = qkv + tokens * qkv_n;
+  float* projected = attn + tokens * q_dim;
+  float* gate = projected + tokens * e;
+  float* up = gate + tokens * inter;
 
   const jaxinfer::Shapes s{heads, kvh, heads / kvh, d, kd[2], td[1], kd[0]};
   const int64_t threads = pool.num_threads();
-  const Projection qkv_proj(h, qkv_w.typed_data(), qkv, batch, e, qkv_n, threads);
-  const Projection o_proj(attn, o_w.typed_data(), projected, batch, q_dim, e, threads);
-  const Projection gate_proj(h, gate_w.typed_data(), gate, batch, e, inter, threads);
-  const Projection up_proj(h, up_w.typed_data(), up, batch, e, inter, threads);
-  const Projection down_proj(gate, down_w.typed_data(), projected, batch, inter, e, threads);
+  const Projection qkv_proj(h, qkv_w.typed_data(), qkv, tokens, e, qkv_n, threads);
+  const Projection o_proj(attn, o_w.typed_data(), projected, tokens, q_dim, e, threads);
+  const Projection gate_proj(h, gate_w.typed_data(), gate, tokens, e, inter, threads);
+  const Projection up_proj(h, up_w.typed_data(), up, tokens, e, inter, threads);
+  const Projection down_proj(gate, down_w.typed_data(), projected, tokens, inter, e, threads);
   const float* xp = x.typed_data();
   const float* bias = Count(qkv_bias) ? qkv_bias.typed_data() : nullptr;
   float* outp = out->typed_data();
@@ -178,20 +185,21 @@ ffi::Error DecoderLayer(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buff
   const float* post = post_norm.typed_data();
   const int64_t pool_tokens = s.num_pages * s.page_size;
 
+  const int64_t row_blocks = (q_len + kRowsPerItem - 1) / kRowsPerItem;
   const std::vector<int64_t> counts = {
-      batch, qkv_proj.grid.items(), batch, batch * kvh, o_proj.grid.items(), batch,
-      gate_proj.grid.items() + up_proj.grid.items(), batch, down_proj.grid.items(), batch};
+      tokens, qkv_proj.grid.items(), tokens, batch * kvh * row_blocks, o_proj.grid.items(), tokens,
+      gate_proj.grid.items() + up_proj.grid.items(), tokens, down_proj.grid.items(), tokens};
   jaxinfer::RunPhases(pool, counts, [&](int phase, int64_t i) {
     switch (phase) {
       case kInputNorm: RmsNorm(xp + i * e, in_norm, e, eps, h + i * e); break;
       case kQkv: qkv_proj.Run(i); break;
-      case kRopeWrite: {  // row i: bias, rope on its q and k heads, k and v into its slot
+      case kRopeWrite: {  // token i: bias, rope on its q and k heads, k and v into its slot
         float* row = qkv + i * qkv_n;
         if (bias != nullptr)
           for (int64_t j = 0; j < qkv_n; ++j) row[j] += bias[j];
         Rope(row, heads + kvh, d, cosp + i * d / 2, sinp + i * d / 2);
         // A slot outside the pools (never handed out) lands on a page clamped into them, as
-        // the attention clamps its reads.
+        // the attention clamps its reads. Padding tokens all write the trash page.
         const int64_t flat = std::clamp<int64_t>(slot[i], 0, pool_tokens - 1);
         const int64_t page = flat / s.page_size, offset = flat % s.page_size;
         for (int64_t g = 0; g < kvh; ++g) {
@@ -201,12 +209,14 @@ ffi::Error DecoderLayer(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buff
         }
         break;
       }
-      case kAttend: {  // row i / kvh, KV head i % kvh
-        const int64_t b = i / kvh, g = i % kvh;
+      case kAttend: {  // up to kRowsPerItem tokens of sequence b, KV head g, reading the same keys
+        const int64_t b = i / (kvh * row_blocks), g = i / row_blocks % kvh, r0 = i % row_blocks * kRowsPerItem;
+        const int64_t r_end = std::min(q_len, r0 + kRowsPerItem);
         thread_local std::vector<int64_t> offsets;
         jaxinfer::TokenOffsets(s, tables + b * s.pages_per_seq, lens[b], g, offsets);
-        jaxinfer::AttendGroup(s, qkv + b * qkv_n, static_cast<const float*>(kp), static_cast<const float*>(vp),
-                              offsets.data(), lens[b], pos[b], g, scale, window, attn + b * q_dim);
+        for (int64_t t = b * q_len + r0; t < b * q_len + r_end; ++t)
+          jaxinfer::AttendGroup(s, qkv + t * qkv_n, static_cast<const float*>(kp), static_cast<const float*>(vp),
+                                offsets.data(), lens[b], pos[t], g, scale, window, attn + t * q_dim);
         break;
       }
       case kOut: o_proj.Run(i); break;

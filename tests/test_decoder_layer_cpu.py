@@ -10,7 +10,7 @@ import pytest
 
 from jaxinfer.home import jaxinfer_home
 from pallas_kernels import cpu_native
-from pallas_kernels.decoder_layer_cpu import (DecodeRows, LayerShape, LayerWeights, decoder_layer_cpu,
+from pallas_kernels.decoder_layer_cpu import (LayerShape, LayerWeights, StepTokens, decoder_layer_cpu,
                                               decoder_layer_reference)
 from pallas_kernels.f32_matmul import pack
 from pallas_kernels.paged_kv import PagedKV
@@ -24,9 +24,10 @@ def enabled():
         pytest.fail("the CPU runs the kernel but it could not be built (see the log)")
 
 
-def make_case(rng, heads, kv_heads, head_dim, embed, inter, page_size, lens, bias, num_pages=48):
-    """Random weights, a shuffled pool, each row's new token at position ``lens - 1`` (a padding row,
-    length 0, writes to the trash page 0)."""
+def make_case(rng, heads, kv_heads, head_dim, embed, inter, page_size, lens, bias, num_pages=48, q_len=1):
+    """Random weights, a shuffled pool, each row's ``q_len`` new tokens at the last positions below
+    ``lens`` (a decode step, or a prefill chunk; a padding row, length 0, writes to the trash page 0,
+    as do a short row's padding tokens)."""
     q_dim, kv_dim = heads * head_dim, kv_heads * head_dim
 
     def weight(k, n):
@@ -45,22 +46,22 @@ def make_case(rng, heads, kv_heads, head_dim, embed, inter, page_size, lens, bia
     pages_per_seq = max(1, max(-(-n // page_size) for n in lens)) + 1
     ids = rng.permutation(np.arange(1, num_pages))
     tables = np.zeros((len(lens), pages_per_seq), np.int32)
-    slots = np.zeros(len(lens), np.int32)
+    slots = np.zeros((len(lens), q_len), np.int32)
+    positions = np.zeros((len(lens), q_len), np.int32)
     used = 0
     for row, n in enumerate(lens):
         count = -(-n // page_size)
         tables[row, :count] = ids[used:used + count]
         used += count
-        if n:
-            slots[row] = tables[row, (n - 1) // page_size] * page_size + (n - 1) % page_size
-    lens = np.asarray(lens, np.int32)
-    positions = np.maximum(lens - 1, 0)
-    angles = positions[:, None] * (10000.0 ** (-np.arange(0, head_dim, 2) / head_dim))
-    rows = DecodeRows(slots=jnp.asarray(slots), block_tables=jnp.asarray(tables), seq_lens=jnp.asarray(lens),
-                      positions=jnp.asarray(positions, jnp.int32), cos=jnp.asarray(np.cos(angles), jnp.float32),
-                      sin=jnp.asarray(np.sin(angles), jnp.float32))
-    x = jnp.asarray(rng.standard_normal((len(lens), embed)), jnp.float32)
-    return x, w, kv, rows
+        for i, t in enumerate(range(max(n - q_len, 0), n)):
+            slots[row, i] = tables[row, t // page_size] * page_size + t % page_size
+            positions[row, i] = t
+    angles = positions[..., None] * (10000.0 ** (-np.arange(0, head_dim, 2) / head_dim))
+    tokens = StepTokens(slots=jnp.asarray(slots), block_tables=jnp.asarray(tables),
+                        seq_lens=jnp.asarray(lens, jnp.int32), positions=jnp.asarray(positions),
+                        cos=jnp.asarray(np.cos(angles), jnp.float32), sin=jnp.asarray(np.sin(angles), jnp.float32))
+    x = jnp.asarray(rng.standard_normal((len(lens), q_len, embed)), jnp.float32)
+    return x, w, kv, tokens
 
 
 # (heads, kv_heads, head_dim, embed, intermediate, page_size, context lengths (0: a padding row),
@@ -75,21 +76,23 @@ CASES = [
 ]
 
 
+@pytest.mark.parametrize("q_len", [1, 7])  # a decode step; prefill chunks (a 3-token row has padding)
 @pytest.mark.parametrize("heads,kv_heads,head_dim,embed,inter,page_size,lens,window,bias", CASES)
-def test_kernel_matches_reference(heads, kv_heads, head_dim, embed, inter, page_size, lens, window, bias):
+def test_kernel_matches_reference(heads, kv_heads, head_dim, embed, inter, page_size, lens, window, bias, q_len):
     x, w, kv, rows = make_case(np.random.default_rng(embed + len(lens)), heads, kv_heads, head_dim, embed, inter,
-                               page_size, lens, bias)
+                               page_size, lens, bias, q_len=q_len)
     shape = LayerShape(heads=heads, eps=1e-5, scale=head_dim**-0.5, sliding_window=window)
     want_x, want_kv = jax.jit(decoder_layer_reference, static_argnums=4)(x, w, kv, rows, shape)
     got_x, got_kv = jax.jit(decoder_layer_cpu, static_argnums=4)(x, w, kv, rows, shape)
     np.testing.assert_allclose(np.asarray(got_x), np.asarray(want_x), rtol=2e-5, atol=2e-5)
     written = np.zeros(kv.k.shape[0] * kv.k.shape[2], bool)
-    written[np.asarray(rows.slots)] = True
+    written[np.asarray(rows.slots).reshape(-1)] = True
     written = written.reshape(kv.k.shape[0], 1, kv.k.shape[2], 1)
     for got, want, before in ((got_kv.k, want_kv.k, kv.k), (got_kv.v, want_kv.v, kv.v)):
-        np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-5)
+        got, want, before = (np.asarray(a)[1:] for a in (got, want, before))  # the trash page 0 holds garbage
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
         # Nothing but the new tokens' rows changed.
-        np.testing.assert_array_equal(np.where(written, 0, np.asarray(got)), np.where(written, 0, np.asarray(before)))
+        np.testing.assert_array_equal(np.where(written[1:], 0, got), np.where(written[1:], 0, before))
 
 
 def test_rows_do_not_depend_on_the_batch():
@@ -99,9 +102,22 @@ def test_rows_do_not_depend_on_the_batch():
     layer = jax.jit(decoder_layer_cpu, static_argnums=4)
     batch_x, _ = layer(x, w, kv, rows, shape)
     for row in (0, 2, 4):
-        alone = DecodeRows(*(a[row:row + 1] for a in dataclasses.astuple(rows)))
+        alone = StepTokens(*(a[row:row + 1] for a in dataclasses.astuple(rows)))
         one_x, _ = layer(x[row:row + 1], w, kv, alone, shape)
         np.testing.assert_array_equal(np.asarray(one_x)[0], np.asarray(batch_x)[row])
+
+
+def test_a_token_computes_alike_in_a_prefill_chunk_and_a_decode_step():
+    """The last token of a 7-token chunk is the same bits as that token decoded alone after the
+    chunk's K/V were written: what a preempted sequence's recomputation relies on."""
+    x, w, kv, rows = make_case(np.random.default_rng(2), 9, 3, 64, 576, 1536, 64, [100, 70], False, q_len=7)
+    shape = LayerShape(heads=9, eps=1e-5, scale=0.125)
+    layer = jax.jit(decoder_layer_cpu, static_argnums=4)
+    chunk_x, chunk_kv = layer(x, w, kv, rows, shape)
+    last = dataclasses.replace(rows, slots=rows.slots[:, -1:], positions=rows.positions[:, -1:],
+                               cos=rows.cos[:, -1:], sin=rows.sin[:, -1:])
+    decoded_x, _ = layer(x[:, -1:], w, chunk_kv, last, shape)
+    np.testing.assert_array_equal(np.asarray(decoded_x)[:, 0], np.asarray(chunk_x)[:, -1])
 
 
 def test_pools_are_updated_in_place_when_donated():
@@ -127,8 +143,7 @@ def tiny_dirs(tmp_path_factory):
 
 def run_engine(path, monkeypatch, off=()):
     """Greedy tokens and logprobs of a batch of prompts through an engine built (and traced) with
-    the CPU kernels ``off`` turned off, and how many layers of the steps it traced called the kernel
-    (layers of decode steps only)."""
+    the CPU kernels ``off`` turned off, and how many layers of the steps it traced called the kernel."""
     from converters.loader import load_model
     from jaxinfer import model
     from jaxinfer.llm import LLM
@@ -153,7 +168,7 @@ def run_engine(path, monkeypatch, off=()):
 
 
 @pytest.mark.parametrize("family", ["llama", "qwen2"])
-def test_engine_decodes_through_the_kernel_as_through_separate_ops(tiny_dirs, family, monkeypatch):
+def test_engine_runs_through_the_kernel_as_through_separate_ops(tiny_dirs, family, monkeypatch):
     tokens, logprobs, calls = run_engine(tiny_dirs[family], monkeypatch)
     assert calls > 0
     separate_tokens, separate_logprobs, separate_calls = run_engine(tiny_dirs[family], monkeypatch, ("decoder_layer",))
