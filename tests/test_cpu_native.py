@@ -1,6 +1,11 @@
 """Building the CPU kernels (``pallas_kernels.cpu_native``): which build a CPU gets, and builds
 that are atomic and replace only their own level's earlier libraries. Compiling needs g++ but not
-the CPU the code is for, so every level builds here."""
+the CPU the code is for, so every level builds here; on a CPU with AVX-512 the AVX2 build also
+runs the kernels' tests."""
+
+import os
+import subprocess
+import sys
 
 import pytest
 
@@ -35,3 +40,20 @@ def test_failed_build_names_the_command_and_leaves_no_file(tmp_path, monkeypatch
     with pytest.raises(RuntimeError, match="false .* failed"):
         cpu_native.build(str(tmp_path), cpu_native.LEVELS[-1])
     assert list(tmp_path.iterdir()) == []
+
+
+# The kernels' comparisons with their references (the engine-level tests stay on the best build).
+KERNEL_TESTS = ("test_f32_matmul.py", "test_paged_attention_cpu.py", "test_kv_write_cpu.py", "test_decoder_layer_cpu.py")
+
+
+@pytest.mark.skipif(getattr(cpu_native.isa_level(), "name", None) != "avx512",
+                    reason="the kernel tests already run the best build this CPU has, the AVX2 one or none")
+def test_the_avx2_build_passes_the_kernel_tests():
+    here = os.path.dirname(__file__)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([here, os.environ.get("PYTHONPATH", "")])}
+    done = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "avx2_build", "-p", "no:cacheprovider", "-k", "not engine and not separate_ops",
+         *(os.path.join(here, name) for name in KERNEL_TESTS)],
+        env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-2000:]
+    assert " passed" in done.stdout and "skipped" not in done.stdout.splitlines()[-1], done.stdout[-2000:]
