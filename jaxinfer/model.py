@@ -32,8 +32,8 @@ from jaxinfer.kv_cache import AttentionMetadata, KVCache, write_kv
 from jaxinfer.reductions import sum_last_axis
 from pallas_kernels import cpu_native, dispatch
 from pallas_kernels.bf16_matmul import bf16_matmul, narrow_weight_dot
-from pallas_kernels.decoder_layer_cpu import LayerShape, LayerWeights, StepTokens, decoder_layer_cpu
 from pallas_kernels.bf16_matmul import pack as bf16_pack
+from pallas_kernels.decoder_layer_cpu import LayerShape, LayerWeights, StepTokens, decoder_layer_cpu
 from pallas_kernels.f32_matmul import f32_matmul
 from pallas_kernels.f32_matmul import pack as f32_pack
 from pallas_kernels.int4_matmul import CODES_PER_WORD, int4_matmul, padded_rows

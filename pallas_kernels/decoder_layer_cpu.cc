@@ -12,7 +12,7 @@
 //
 // Why one call: at batch 1 a layer's weights take ~0.4 ms to stream, and as separate XLA ops the
 // norms, rope, K/V writes, residual adds and the activation cost ~20 small ops and as many
-// hand-offs between XLA's threads per layer (~1.5 ms of a 14.6 ms SmolLM2 step, profile_step.py).
+// hand-offs between XLA's threads per layer (~1.6 ms of a 14.6 ms SmolLM2 step, profile_step.py).
 // Here the phases run back to back on the same threads (RunPhases). The projections use the
 // standalone matmul's tile (f32_matmul_tile.h) and the attention its kernel's code
 // (paged_attention_cpu.h), so every product sums in the same order as there. Each token's result

@@ -3,7 +3,7 @@ kernel of ``decoder_layer_cpu.cc`` and its jnp reference.
 
 At batch 1 a SmolLM2 layer's matmuls stream its weights in ~0.4 ms, and around them XLA ran ~20
 small ops (two RMSNorms, rope, two K/V scatters, residual adds, the activation) with a hand-off
-between its threads at each: ~1.5 ms of a 14.6 ms step (``benchmarks/profile_step.py``). The
+between its threads at each: ~1.6 ms of a 14.6 ms step (``benchmarks/profile_step.py``). The
 kernel runs the layer's phases back to back on the same threads. Its projections sum exactly as
 ``f32_matmul``'s kernel does and its attention is ``paged_attention_cpu``'s code; the norms, rope
 and activation agree with the reference to float32 rounding. Prefill chunks run it too, so that a
@@ -12,8 +12,9 @@ recomputed by prefill, resumes exactly where it was.
 
 ``jaxinfer.model.DecoderLayer`` calls ``decoder_layer_cpu`` for the layers it fits (float32
 activations and pages, q/k/v fused, weights packed by ``f32_matmul.pack``, no q/k norms and no
-bias but q/k/v's) once ``cpu_native.enable`` has turned it on; other layers run as separate ops,
-as ``decoder_layer_reference`` does here.
+bias but q/k/v's) once ``cpu_native.enable`` has turned it on; other layers run as its Flax
+modules. ``decoder_layer_reference`` restates that math over the kernel's operands, since this
+package sits below the model and cannot call it.
 """
 
 from __future__ import annotations
