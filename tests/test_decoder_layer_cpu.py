@@ -7,6 +7,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from test_paged_attention_cpu import shuffled_block_tables
 
 from jaxinfer.home import jaxinfer_home
 from pallas_kernels import cpu_native
@@ -43,16 +44,10 @@ def make_case(rng, heads, kv_heads, head_dim, embed, inter, page_size, lens, bia
     )
     shape = (num_pages, kv_heads, page_size, head_dim)
     kv = PagedKV(jnp.asarray(rng.standard_normal(shape), jnp.float32), jnp.asarray(rng.standard_normal(shape), jnp.float32))
-    pages_per_seq = max(1, max(-(-n // page_size) for n in lens)) + 1
-    ids = rng.permutation(np.arange(1, num_pages))
-    tables = np.zeros((len(lens), pages_per_seq), np.int32)
+    tables = shuffled_block_tables(rng, lens, page_size, num_pages)
     slots = np.zeros((len(lens), q_len), np.int32)
     positions = np.zeros((len(lens), q_len), np.int32)
-    used = 0
     for row, n in enumerate(lens):
-        count = -(-n // page_size)
-        tables[row, :count] = ids[used:used + count]
-        used += count
         for i, t in enumerate(range(max(n - q_len, 0), n)):
             slots[row, i] = tables[row, t // page_size] * page_size + t % page_size
             positions[row, i] = t

@@ -22,12 +22,11 @@ def enabled():
         pytest.fail("the CPU runs the kernel but it could not be built (see the log)")
 
 
-def make_case(rng, heads, kv_heads, head_dim, page_size, lens, num_pages=64, pages=jnp.float32, q_len=1):
-    """Scattered pages (a shuffled pool) of dtype ``pages``, block tables padded with the trash page
-    0; each sequence's last ``q_len`` positions queried (a decode step, or a prefill chunk)."""
+def shuffled_block_tables(rng, lens, page_size: int, num_pages: int) -> np.ndarray:
+    """``[len(lens), pages]`` block tables over a shuffled pool: each sequence's pages drawn from
+    pages 1 .. num_pages - 1 in random order, padded with the trash page 0 (one column more than
+    the longest sequence needs)."""
     pages_per_seq = max(1, max(-(-n // page_size) for n in lens)) + 1
-    k = rng.standard_normal((num_pages, kv_heads, page_size, head_dim)).astype(np.float32)
-    v = rng.standard_normal((num_pages, kv_heads, page_size, head_dim)).astype(np.float32)
     ids = rng.permutation(np.arange(1, num_pages))
     tables = np.zeros((len(lens), pages_per_seq), np.int32)
     used = 0
@@ -35,6 +34,15 @@ def make_case(rng, heads, kv_heads, head_dim, page_size, lens, num_pages=64, pag
         count = -(-n // page_size)
         tables[row, :count] = ids[used:used + count]
         used += count
+    return tables
+
+
+def make_case(rng, heads, kv_heads, head_dim, page_size, lens, num_pages=64, pages=jnp.float32, q_len=1):
+    """Scattered pages (a shuffled pool) of dtype ``pages``, block tables padded with the trash page
+    0; each sequence's last ``q_len`` positions queried (a decode step, or a prefill chunk)."""
+    k = rng.standard_normal((num_pages, kv_heads, page_size, head_dim)).astype(np.float32)
+    v = rng.standard_normal((num_pages, kv_heads, page_size, head_dim)).astype(np.float32)
+    tables = shuffled_block_tables(rng, lens, page_size, num_pages)
     q = rng.standard_normal((len(lens), q_len, heads, head_dim)).astype(np.float32)
     lens = np.asarray(lens, np.int32)
     q_pos = np.maximum(lens[:, None] - q_len + np.arange(q_len), 0).astype(np.int32)
