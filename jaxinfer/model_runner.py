@@ -26,7 +26,7 @@ from jaxinfer.config import ModelConfig, activation_dtype, kv_cache_dtype
 from jaxinfer.exported_steps import can_export, lower_saved
 from jaxinfer.kv_cache import AttentionMetadata, KVCache
 from jaxinfer.home import jaxinfer_home
-from jaxinfer.host_memory import release_freed_memory
+from jaxinfer.host_memory import keep_freed_memory, release_freed_memory
 from jaxinfer.huge_pages import parts_to_huge_pages
 from jaxinfer.model import CPU_MATMULS, LlamaModel, fuse_qkv_params, pack_cpu_weights, rope_table
 from jaxinfer.sampler import PromptLogprobs, SampleOutput, SamplingTensors, sample, token_logprobs
@@ -127,7 +127,9 @@ class ModelRunner:
         On CPU the weights are then copied into huge pages (``jaxinfer.huge_pages``): the runner holds
         its own copy, and a caller that keeps ``params`` alive keeps a second one. With
         ``consume_params`` the runner empties the ``params`` dict as it lays the weights out, entry by
-        entry, so that each source array is freed once copied (for callers that own the tree)."""
+        entry, so that each source array is freed once copied (for callers that own the tree). On
+        CPU the C heap then keeps freed pages for the next step's buffers
+        (``host_memory.keep_freed_memory``)."""
         self.config = config
         self.buckets = buckets
         act = activation_dtype(dtype)
@@ -171,6 +173,8 @@ class ModelRunner:
         self._no_mask: dict[int, jax.Array] = {}  # per batch size: a token mask allowing every token
         self._feed = jax.jit(_feed_tokens)
         self._warm_feeds: dict[int, jax.stages.Compiled] = {}  # decode batch size -> compiled by warm-up
+        if jax.devices()[0].platform == "cpu":
+            keep_freed_memory()  # steps reuse the pages of the steps before (jaxinfer.host_memory)
 
     @property
     def params(self) -> Any:
