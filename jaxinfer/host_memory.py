@@ -12,7 +12,8 @@ glibc maps them fresh and unmaps them on free, and the step then takes a page fa
 zeroing of a page, for each 4 KiB it writes: ~2,900 faults per bfloat16 decode step, 3-4 ms of a
 40 ms step (exploratory, ``getrusage``). ``keep_freed_memory`` has every block come from the heap
 and freed pages stay there, so a step reuses the pages of the step before: no faults, and the
-same resident memory at batch 32. Elsewhere than glibc both do nothing.
+same resident memory at batch 32. A program that embeds jaxinfer and wants its C library's own
+policy sets ``JAXINFER_KEEP_FREED_MEMORY=0``. Elsewhere than glibc both do nothing.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import functools
+import os
 
 
 # glibc's mallopt parameters (malloc.h)
@@ -46,9 +48,10 @@ def release_freed_memory() -> None:
 
 def keep_freed_memory() -> None:
     """From now on, serve every block from the C heap and keep freed pages for reuse (glibc's
-    ``mallopt``: no mmap'd blocks, trim only past ``KEPT_FREE_BYTES``; a no-op elsewhere).
-    ``release_freed_memory`` still returns free pages when called."""
+    ``mallopt``: no mmap'd blocks, trim only past ``KEPT_FREE_BYTES``; a no-op elsewhere, and
+    with ``JAXINFER_KEEP_FREED_MEMORY=0``). ``release_freed_memory`` still returns free pages
+    when called."""
     mallopt = _glibc_function("mallopt")
-    if mallopt is not None:
+    if mallopt is not None and os.environ.get("JAXINFER_KEEP_FREED_MEMORY") != "0":
         mallopt(M_MMAP_MAX, 0)
         mallopt(M_TRIM_THRESHOLD, KEPT_FREE_BYTES)
