@@ -6,13 +6,13 @@ heap for reuse, so a process that frees a copy of the weights still shows it in 
 memory, and memory it then maps itself (``jaxinfer.huge_pages``) comes on top. ``malloc_trim``
 returns those free pages to the OS (``release_freed_memory``, after loading and after warm-up).
 
-Serving wants the opposite. Each execution of a step allocates its temporaries and outputs anew;
-at batch 32 those are larger than glibc's mmap threshold (SmolLM2's logits alone are 6 MiB), so
-glibc maps them fresh and unmaps them on free, and the step then takes a page fault, and the
-zeroing of a page, for each 4 KiB it writes: ~2,900 faults per bfloat16 decode step, 3-4 ms of a
-40 ms step (exploratory, ``getrusage``). ``keep_freed_memory`` has every block come from the heap
-and freed pages stay there, so a step reuses the pages of the step before: no faults, and the
-same resident memory at batch 32. A program that embeds jaxinfer and wants its C library's own
+Serving wants the opposite. Each execution of a step allocates its temporaries (one block) and
+outputs anew; SmolLM2's batch-32 decode step needs a 38 MB block, above the largest mmap threshold
+glibc adopts, so glibc maps it fresh and unmaps it on free, and the step takes a page fault, and
+the zeroing of a page, for each 4 KiB it writes: ~3,500 faults per step. ``keep_freed_memory``
+has every block come from the heap and freed pages stay there, so a step reuses the pages of the
+step before: batch-32 steps 1.06x faster in bfloat16 and 1.04x in float32, batch 1 unchanged
+(``benchmarks/heap_policy.py``), and the same resident memory. A program that embeds jaxinfer and wants its C library's own
 policy sets ``JAXINFER_KEEP_FREED_MEMORY=0``. Elsewhere than glibc both do nothing.
 """
 
