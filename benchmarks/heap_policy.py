@@ -8,7 +8,7 @@ page fault and its zeroing, every step. The policy is process-wide, so each cont
 process holding its own engine; they take turns decoding one batch of requests per round (the
 host's memory speed drifts within seconds), and a round's ratio compares their median pure decode
 step. Reported per batch size: the median and quartiles of the rounds' ratios, each one's median
-step over all rounds, minor page faults per step, and whether the tokens were equal.
+step over all rounds, minor page faults per token of a round, and whether the tokens were equal.
 
     .venv/bin/python benchmarks/heap_policy.py [--dtype bfloat16] [--batches 1,32] [--write-results]
 """
@@ -23,7 +23,7 @@ import statistics
 import subprocess
 import sys
 
-from async_scheduling import ratio_cells
+from async_scheduling import paired_rounds, ratio_cells
 from report import cpu_times, load_average, publish, stolen_since
 
 POLICIES = {"kept": "1", "C library's": "0"}  # name -> JAXINFER_KEEP_FREED_MEMORY
@@ -31,7 +31,8 @@ POLICIES = {"kept": "1", "C library's": "0"}  # name -> JAXINFER_KEEP_FREED_MEMO
 
 def serve_rounds(args: argparse.Namespace) -> None:
     """The contender: build the engine, then for each batch size read on stdin decode one batch
-    and print its median pure decode step (ms), minor faults per step and tokens, as JSON."""
+    and print, as JSON, its pure decode steps' seconds, its requests' tokens and the process's
+    minor page faults over the round per token of a request (prefill steps included)."""
     import jax.numpy as jnp
 
     from converters.convert import embedded_model_path
@@ -49,8 +50,7 @@ def serve_rounds(args: argparse.Namespace) -> None:
         before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
         steps, tokens = decode_steps(engine, prompt, int(line), args.decode_tokens)
         faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
-        print(json.dumps({"ms": statistics.median(steps) * 1e3, "faults": faults / args.decode_tokens,
-                          "tokens": sorted(tokens)}), flush=True)
+        print(json.dumps({"steps": steps, "tokens": tokens, "faults": faults / args.decode_tokens}), flush=True)
 
 
 def main() -> None:
@@ -81,26 +81,29 @@ def main() -> None:
                 raise RuntimeError(f"the {name} contender exited ({procs[name].wait()})")
         return json.loads(line)
 
+    def contender(name: str, batch: int, faults: dict):
+        """paired_rounds' contender ``name``: one batch decoded in its process."""
+        def decode_one_batch():
+            procs[name].stdin.write(f"{batch}\n")
+            procs[name].stdin.flush()
+            run = reply(name)
+            faults[name].append(run["faults"])
+            return run["steps"], run["tokens"]
+        return decode_one_batch
+
     try:
         for name in procs:
             reply(name)  # built and warm
         rows = ["| batch | kept ms/step | C library's ms/step | C library's / kept, median of rounds | quartiles "
-                "| faults per step, kept | faults per step, C library's | tokens equal |",
+                "| faults per token, kept | faults per token, C library's | tokens equal |",
                 "|---:|---:|---:|---:|---|---:|---:|---|"]
-        names = list(POLICIES)
+        kept, other = POLICIES
         for batch in args.batch_list:
-            runs = {name: [] for name in names}
-            for r in range(args.rounds):
-                for name in names[r % 2:] + names[: r % 2]:
-                    procs[name].stdin.write(f"{batch}\n")
-                    procs[name].stdin.flush()
-                    runs[name].append(reply(name))
-            ms = {name: [run["ms"] for run in runs[name]] for name in names}
-            faults = {name: statistics.median(run["faults"] for run in runs[name]) for name in names}
-            equal = all(a["tokens"] == b["tokens"] for a, b in zip(*runs.values()))
-            rows.append(f"| {batch} | {statistics.median(ms['kept']):.1f} | {statistics.median(ms[names[1]]):.1f} | "
-                        f"{ratio_cells(ms[names[1]], ms['kept'])} | {faults['kept']:.0f} | {faults[names[1]]:.0f} | "
-                        f"{'yes' if equal else 'NO'} |")
+            faults = {name: [] for name in POLICIES}
+            ms, equal = paired_rounds({name: contender(name, batch, faults) for name in POLICIES}, args.rounds)
+            rows.append(f"| {batch} | {statistics.median(ms[kept]):.1f} | {statistics.median(ms[other]):.1f} | "
+                        f"{ratio_cells(ms[other], ms[kept])} | {statistics.median(faults[kept]):.0f} | "
+                        f"{statistics.median(faults[other]):.0f} | {'yes' if equal else 'NO'} |")
     finally:
         for proc in procs.values():
             proc.stdin.close()
@@ -108,8 +111,9 @@ def main() -> None:
     notes = [
         f"- SmolLM2-135M, {args.dtype} weights (embedded GGUF dequantized), {args.prompt_tokens}-token prompt, "
         f"{args.decode_tokens} greedy tokens per request; {args.rounds} rounds per batch size, the two processes "
-        "taking turns; ms/step: median over rounds of each round's median pure decode step. faults per step: "
-        "the process's minor page faults over a round / tokens per request, median over rounds.",
+        "taking turns; ms/step: median over rounds of each round's median pure decode step. faults per token: "
+        "the process's minor page faults over a round (its prefill steps included) / tokens per request, "
+        "median over rounds.",
         f"- Load: before `{load_before}`; after `{load_average()}`. {stolen_since(times_before)}.",
     ]
     publish(f"Heap policy: freed pages kept vs the C library's, SmolLM2-135M {args.dtype} decode", rows, notes,
