@@ -9,11 +9,12 @@ returns those free pages to the OS (``release_freed_memory``, after loading and 
 Serving wants the opposite. Each execution of a step allocates its temporaries (one block) and
 outputs anew; SmolLM2's batch-32 decode step needs a 38 MB block, above the largest mmap threshold
 glibc adopts, so glibc maps it fresh and unmaps it on free, and the step takes a page fault, and
-the zeroing of a page, for each 4 KiB it writes: ~3,500 faults per step. ``keep_freed_memory``
-has every block come from the heap and freed pages stay there, so a step reuses the pages of the
-step before: batch-32 steps 1.06x faster in bfloat16 and 1.04x in float32, batch 1 unchanged
-(``benchmarks/heap_policy.py``), and the same resident memory. A program that embeds jaxinfer and wants its C library's own
-policy sets ``JAXINFER_KEEP_FREED_MEMORY=0``. Elsewhere than glibc both do nothing.
+the zeroing of a page, for each 4 KiB it writes: ~2,900 faults per step (exploratory,
+``getrusage``). ``keep_freed_memory`` has every block come from the heap and freed pages stay
+there, so a step reuses the pages of the step before: batch-32 steps 1.06x faster in bfloat16 and
+1.04x in float32, batch 1 unchanged (``benchmarks/heap_policy.py``), and the same resident memory.
+A program that embeds jaxinfer and wants its C library's own policy sets
+``JAXINFER_KEEP_FREED_MEMORY=0``. Elsewhere than glibc both do nothing.
 """
 
 from __future__ import annotations
