@@ -505,6 +505,7 @@ def main() -> None:
             )
     goals = []
     j32, t32 = by.get(("jaxinfer", 32)), by.get(("transformers", 32))
+
     def per_repeat_ratios(name: str) -> str:
         # The engines run in turn within a repeat, so each repeat's ratio compares runs close in time.
         pairs = zip(runs[(name, 32)], runs[("transformers", 32)])
