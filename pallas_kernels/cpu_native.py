@@ -6,8 +6,8 @@ On CPU the engine runs XLA's code except where a small kernel of ours is measura
 * ``avx512bf16_matmul.cc``: the same matmuls with AVX512_BF16's pair dot products, for CPUs with
   those but no AMX (AMD Zen 4, Intel Cooper Lake) or whose OS refuses AMX state;
 * ``f32_matmul.cc``: float32 matmuls over packed weights (``pallas_kernels.f32_matmul``);
-* ``paged_attention_cpu.cc``: decode and prefill attention reading float32 or bfloat16 KV pages
-  in place (``pallas_kernels.paged_attention``'s dispatch point);
+* ``paged_attention_cpu.cc``: decode and prefill attention reading float32, bfloat16, int8 or
+  int4 KV pages in place (``pallas_kernels.paged_attention``'s dispatch point);
 * ``kv_write_cpu.cc``: new tokens' K/V written into bfloat16 pages in place
   (``pallas_kernels.kv_write_cpu``), where XLA's scatter would widen the whole pool;
 * ``decoder_layer_cpu.cc``: a whole float32 decoder layer of a decode step in one call
@@ -47,9 +47,11 @@ AMX_MATMUL = "jaxinfer_amx_matmul"
 AVX512BF16_MATMUL = "jaxinfer_avx512bf16_matmul"
 F32_MATMUL = "jaxinfer_f32_matmul"
 PAGED_ATTENTION = "jaxinfer_paged_attention"
+PAGED_ATTENTION_QUANTIZED = "jaxinfer_paged_attention_quantized"
 KV_WRITE = "jaxinfer_kv_write"
 DECODER_LAYER = "jaxinfer_decoder_layer"
-TARGETS = (AMX_MATMUL, AVX512BF16_MATMUL, F32_MATMUL, PAGED_ATTENTION, KV_WRITE, DECODER_LAYER)
+TARGETS = (AMX_MATMUL, AVX512BF16_MATMUL, F32_MATMUL, PAGED_ATTENTION, PAGED_ATTENTION_QUANTIZED, KV_WRITE,
+           DECODER_LAYER)
 # GCC 12's own AVX-512 intrinsic headers trip -W(maybe-)uninitialized: their shuffles start from
 # a deliberately undefined vector (a known false positive).
 COMMON_FLAGS = ("-O3", "-std=c++17", "-shared", "-fPIC", "-Wall", "-Wextra", "-Wno-maybe-uninitialized",
@@ -60,7 +62,8 @@ SOURCES = (HERE / "f32_matmul.cc", HERE / "paged_attention_cpu.cc", HERE / "kv_w
 # The bfloat16 matmuls, AVX-512 builds only; each runs only where the CPU (and for AMX, the OS) allows.
 BF16_SOURCES = (HERE / "amx_matmul.cc", HERE / "avx512bf16_matmul.cc")
 # Every build's FFI targets, by CpuKernels field.
-BUILT_TARGETS = (("f32_matmul", F32_MATMUL), ("paged_attention", PAGED_ATTENTION), ("kv_write", KV_WRITE),
+BUILT_TARGETS = (("f32_matmul", F32_MATMUL), ("paged_attention", PAGED_ATTENTION),
+                 ("paged_attention_quantized", PAGED_ATTENTION_QUANTIZED), ("kv_write", KV_WRITE),
                  ("decoder_layer", DECODER_LAYER))
 
 
@@ -93,6 +96,7 @@ class CpuKernels:
     """Which kernels XLA can call in this process."""
 
     paged_attention: bool = False  # every build
+    paged_attention_quantized: bool = False  # every build
     amx_matmul: bool = False  # AMX, granted by the OS
     avx512bf16_matmul: bool = False  # AVX512_BF16
     kv_write: bool = False  # every build

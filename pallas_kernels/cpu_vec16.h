@@ -28,6 +28,16 @@ struct V16 {
   static V16 Load(int64_t n, const uint16_t* p) {
     return {_mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(Lanes(n), p)), 16))};
   }
+  static V16 Load(int64_t n, const uint8_t* p) {
+    return {_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_maskz_loadu_epi8(Lanes(n), p)))};
+  }
+  // 16 int4 codes, two per byte (the even lane in the low nibble) from p's first (n + 1) / 2 bytes.
+  static V16 LoadNibbles(int64_t n, const uint8_t* p) {
+    const __m128i b = _mm_maskz_loadu_epi8(Lanes(n >= 16 ? 8 : (n + 1) / 2), p), low = _mm_set1_epi8(0x0F);
+    const __m128i codes = _mm_unpacklo_epi8(_mm_and_si128(b, low), _mm_and_si128(_mm_srli_epi16(b, 4), low));
+    const V16 x{_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(codes))};
+    return n >= 16 ? x : x.Keep(n);  // an odd n's last byte holds one lane too many
+  }
   void Store(int64_t n, float* p) const { _mm512_mask_storeu_ps(p, Lanes(n), v); }
 
   friend V16 operator+(V16 a, V16 b) { return {_mm512_add_ps(a.v, b.v)}; }
@@ -96,6 +106,25 @@ struct V16 {
     const __m256i w = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
     return {_mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm256_castsi256_si128(w)), 16)),
             _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm256_extracti128_si256(w, 1)), 16))};
+  }
+  static V16 Load(int64_t n, const uint8_t* p) {
+    uint8_t part[16] = {};
+    if (n < 16) {  // AVX2 has no byte-masked load
+      std::memcpy(part, p, static_cast<size_t>(n < 0 ? 0 : n));
+      p = part;
+    }
+    const __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+    return {_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(b)), _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(b, 8)))};
+  }
+  // 16 int4 codes, two per byte (the even lane in the low nibble) from p's first (n + 1) / 2 bytes.
+  static V16 LoadNibbles(int64_t n, const uint8_t* p) {
+    uint8_t part[8] = {};
+    std::memcpy(part, p, static_cast<size_t>(n >= 16 ? 8 : n <= 0 ? 0 : (n + 1) / 2));
+    const __m128i b = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(part)), low = _mm_set1_epi8(0x0F);
+    const __m128i codes = _mm_unpacklo_epi8(_mm_and_si128(b, low), _mm_and_si128(_mm_srli_epi16(b, 4), low));
+    const V16 x{_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(codes)),
+                _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(codes, 8)))};
+    return n >= 16 ? x : x.Keep(n);  // an odd n's last byte holds one lane too many
   }
   void Store(int64_t n, float* p) const {
     if (n >= 16) {

@@ -213,7 +213,7 @@ ffi::Error DecoderLayer(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buff
         const int64_t b = i / (kvh * row_blocks), g = i / row_blocks % kvh, r0 = i % row_blocks * kRowsPerItem;
         const int64_t r_end = std::min(q_len, r0 + kRowsPerItem);
         thread_local std::vector<int64_t> offsets;
-        jaxinfer::TokenOffsets(s, tables + b * s.pages_per_seq, lens[b], g, offsets);
+        jaxinfer::TokenOffsets(s, tables + b * s.pages_per_seq, lens[b], g, s.head_dim, offsets);
         for (int64_t t = b * q_len + r0; t < b * q_len + r_end; ++t)
           jaxinfer::AttendGroup(s, qkv + t * qkv_n, static_cast<const float*>(kp), static_cast<const float*>(vp),
                                 offsets.data(), lens[b], pos[t], g, scale, window, attn + t * q_dim);

@@ -22,7 +22,7 @@ from jax.experimental.pallas import triton as plgpu
 
 from pallas_kernels import cpu_native, dispatch
 from pallas_kernels.block_sizes import decode_attention_blocks, prefill_attention_blocks
-from pallas_kernels.paged_attention_cpu import paged_attention_cpu
+from pallas_kernels import paged_attention_cpu
 from pallas_kernels.paged_kv import MASK_VALUE, PagedKV, code_parts, dequantize_kv, validate_paged_inputs
 from pallas_kernels.prefill_attention import prefill_attention_kernel
 
@@ -384,9 +384,9 @@ def paged_attention(
     When ``dispatch.implementation()`` is ``"kernel"`` (or ``"interpret"``: on CPU, through Pallas'
     interpreter), decode (``q_len == 1``) runs ``paged_decode_attention`` with the block sizes of
     ``block_sizes.decode_attention_blocks`` and prefill chunks run ``prefill_attention_kernel``
-    with those of ``block_sizes.prefill_attention_blocks``. On CPU, float32 queries over float32
-    or bfloat16 pages (decode and prefill) run ``paged_attention_cpu`` once ``cpu_native.enable``
-    has turned it on; otherwise the jnp reference runs.
+    with those of ``block_sizes.prefill_attention_blocks``. On CPU, float32 queries over float32,
+    bfloat16, int8 or int4 pages (decode and prefill) run ``paged_attention_cpu`` once
+    ``cpu_native.enable`` has turned it on; otherwise the jnp reference runs.
     """
     implementation = dispatch.implementation()
     if implementation in ("kernel", "interpret"):
@@ -408,10 +408,11 @@ def paged_attention(
             pages_per_iteration=d.pages_per_iteration, pages_per_split=d.pages_per_split,
             num_warps=d.num_warps, num_stages=d.num_stages,
         )
-    if (not kv.bits and q.dtype == jnp.float32 and kv.k.dtype in (jnp.float32, jnp.bfloat16)
-            and dispatch.cpu_kernels() and cpu_native.kernels().paged_attention):
+    on = cpu_native.kernels()
+    if (dispatch.cpu_kernels() and paged_attention_cpu.runs_on(q, kv)
+            and (on.paged_attention_quantized if kv.bits else on.paged_attention)):
         validate_paged_inputs(q, kv, block_tables, seq_lens, q_positions)
-        return paged_attention_cpu(q, kv, block_tables, seq_lens, q_positions, scale=scale,
+        return paged_attention_cpu.paged_attention_cpu(q, kv, block_tables, seq_lens, q_positions, scale=scale,
                                    sliding_window=sliding_window)
     return paged_attention_reference(
         q, kv, block_tables, seq_lens, q_positions,

@@ -1,6 +1,8 @@
 // The attention of one sequence's query rows over its paged K/V, on CPU with AVX-512 or AVX2:
 // shared by paged_attention_cpu.cc (decode and prefill attention) and decoder_layer_cpu.cc (a
-// whole decode layer). Pools are [num_pages, KVH, page_size, D] of float32 or bfloat16.
+// whole decode layer). Pools are [num_pages, KVH, page_size, D] of float32 or bfloat16, or of
+// int8 or int4 codes with a float32 [num_pages, KVH, page_size, 2] pool of each row's scale and
+// zero (value = code * scale + zero).
 #ifndef JAXINFER_PAGED_ATTENTION_CPU_H_
 #define JAXINFER_PAGED_ATTENTION_CPU_H_
 
@@ -26,6 +28,26 @@ struct Shapes {
   int64_t heads, kv_heads, group, head_dim, page_size, pages_per_seq, num_pages;
 };
 
+// A byte of an int4 page: two codes, the even head_dim element in the low nibble.
+struct Nibbles {
+  uint8_t pair;
+};
+
+// Elements i .. i + 16 of a pool's row (n of them live), widened to float32.
+template <typename T>
+V16 LoadRow(const T* row, int64_t i, int64_t n) {
+  return V16::Load(n, row + i);
+}
+inline V16 LoadRow(const Nibbles* row, int64_t i, int64_t n) { return V16::LoadNibbles(n, &row[i / 2].pair); }
+
+// The scales and zeros of quantized pages: sz_rows[t] is where token t's (scale, zero) pair
+// starts in the K and V scale/zero pools, indexed as the token offsets are.
+struct ScaleZero {
+  const float* k;
+  const float* v;
+  const int64_t* rows;
+};
+
 // Scores of G query heads (q: [G, d]) against keys rows[0 .. n): 16 keys at a time, each key
 // read (and widened) once for the G heads, each head's lane-wise products over head_dim in order,
 // then the 16 keys' sums reduced together. scores: [G, n].
@@ -40,7 +62,7 @@ void Scores(const float* q, const T* k, const int64_t* rows, int64_t n, int64_t 
       if (j < keys) {
         const T* kr = k + rows[t0 + j];
         for (int64_t i = 0; i < d; i += 16) {
-          const V16 kv = V16::Load(d - i, kr + i);
+          const V16 kv = LoadRow(kr, i, d - i);
           for (int g = 0; g < G; ++g) acc[g] = V16::Fma(V16::Load(d - i, q + g * d + i), kv, acc[g]);
         }
       }
@@ -50,21 +72,22 @@ void Scores(const float* q, const T* k, const int64_t* rows, int64_t n, int64_t 
   }
 }
 
-// out[G, d] = the weights p [G, n] (unnormalized; total: their sums) times values rows[0 .. n),
-// 64 of head_dim at a time, summed in registers over the keys in order; each value row read (and
-// widened) once for the G heads.
+// out[G, d] = (the weights p [G, n] times values rows[0 .. n) + shift[G]) / total[G], 64 of
+// head_dim at a time, summed in registers over the keys in order; each value row read (and
+// widened) once for the G heads. p is unnormalized, total its sums; shift (null: none) is what
+// quantized values' zeros add to every element.
 template <int G, typename T>
 void WeightedValues(const float* p, const T* v, const int64_t* rows, int64_t n, int64_t d, const float* total,
-                    float* out) {
+                    const float* shift, float* out) {
   for (int64_t i0 = 0; i0 < d; i0 += 64) {
     const int64_t live = d - i0;
     V16 acc[G][4];
     for (int g = 0; g < G; ++g)
       for (int c = 0; c < 4; ++c) acc[g][c] = V16::Zero();
     for (int64_t t = 0; t < n; ++t) {
-      const T* vr = v + rows[t] + i0;
+      const T* vr = v + rows[t];
       V16 vv[4];
-      for (int c = 0; c < 4; ++c) vv[c] = live > 16 * c ? V16::Load(live - 16 * c, vr + 16 * c) : V16::Zero();
+      for (int c = 0; c < 4; ++c) vv[c] = live > 16 * c ? LoadRow(vr, i0 + 16 * c, live - 16 * c) : V16::Zero();
       for (int g = 0; g < G; ++g) {
         const V16 w = V16::Set1(p[g * n + t]);
         for (int c = 0; c < 4; ++c)
@@ -72,17 +95,18 @@ void WeightedValues(const float* p, const T* v, const int64_t* rows, int64_t n, 
       }
     }
     for (int g = 0; g < G; ++g) {
-      const V16 inv = V16::Set1(1.0f / total[g]);
-      for (int c = 0; c < 4; ++c) (acc[g][c] * inv).Store(live - 16 * c, out + g * d + i0 + 16 * c);
+      const V16 inv = V16::Set1(1.0f / total[g]), add = V16::Set1(shift ? shift[g] : 0.0f);
+      for (int c = 0; c < 4; ++c) ((acc[g][c] + add) * inv).Store(live - 16 * c, out + g * d + i0 + 16 * c);
     }
   }
 }
 
-template <typename T>  // the pages' element: float, or uint16_t holding a bfloat16
+// T, the pages' element: float, uint16_t holding a bfloat16, uint8_t (int8 codes) or Nibbles.
 // offsets[t]: where token t's row of this sequence and KV head starts in a pool, for every t the
-// block table covers up to len.
+// block table covers up to len; sz: the scales and zeros of quantized pages (null for float ones).
+template <typename T>
 void AttendGroup(const Shapes& s, const float* q, const T* k, const T* v, const int64_t* offsets, int32_t len,
-                 int32_t q_pos, int64_t kvh, float scale, int64_t window, float* out) {
+                 int32_t q_pos, int64_t kvh, float scale, int64_t window, float* out, const ScaleZero* sz = nullptr) {
   const int64_t g_count = s.group, d = s.head_dim;
   const float* qg = q + kvh * g_count * d;
   float* og = out + kvh * g_count * d;
@@ -97,55 +121,89 @@ void AttendGroup(const Shapes& s, const float* q, const T* k, const T* v, const 
   thread_local std::vector<float> scores;
   scores.resize(g_count * n);
   const int64_t* rows = offsets + lo;
+  // Quantized keys: q . (codes * scale + zero) = scale * (q . codes) + zero * sum(q), so the
+  // products run over the codes and each key's scale and zero apply to its score.
+  thread_local std::vector<float> key_scale, key_zero, value_scale, value_zero;
+  if (sz) {
+    for (auto* x : {&key_scale, &key_zero, &value_scale, &value_zero}) x->resize(n);
+    for (int64_t t = 0; t < n; ++t) {
+      const int64_t at = sz->rows[lo + t];
+      key_scale[t] = sz->k[at] * scale;
+      key_zero[t] = sz->k[at + 1] * scale;
+      value_scale[t] = sz->v[at];
+      value_zero[t] = sz->v[at + 1];
+    }
+  }
   for (int64_t g0 = 0; g0 < g_count; g0 += kHeadsAtOnce) {
     const int64_t heads = std::min(kHeadsAtOnce, g_count - g0);
     float* sg = scores.data() + g0 * n;
     const float* qh = qg + g0 * d;
+    const float unit = sz ? 1.0f : scale;
     switch (heads) {
-      case 1: Scores<1>(qh, k, rows, n, d, scale, sg); break;
-      case 2: Scores<2>(qh, k, rows, n, d, scale, sg); break;
-      case 3: Scores<3>(qh, k, rows, n, d, scale, sg); break;
-      default: Scores<4>(qh, k, rows, n, d, scale, sg); break;
+      case 1: Scores<1>(qh, k, rows, n, d, unit, sg); break;
+      case 2: Scores<2>(qh, k, rows, n, d, unit, sg); break;
+      case 3: Scores<3>(qh, k, rows, n, d, unit, sg); break;
+      default: Scores<4>(qh, k, rows, n, d, unit, sg); break;
     }
   }
-  thread_local std::vector<float> total;
+  if (sz) {
+    for (int64_t g = 0; g < g_count; ++g) {
+      V16 q_sum = V16::Zero();
+      for (int64_t i = 0; i < d; i += 16) q_sum = q_sum + V16::Load(d - i, qg + g * d + i);
+      const V16 qs = V16::Set1(q_sum.ReduceAdd());
+      float* sg = scores.data() + g * n;
+      for (int64_t i = 0; i < n; i += 16)
+        V16::Fma(V16::Load(n - i, key_scale.data() + i), V16::Load(n - i, sg + i),
+                 V16::Load(n - i, key_zero.data() + i) * qs).Store(n - i, sg + i);
+    }
+  }
+  thread_local std::vector<float> total, shift;
   total.resize(g_count);
+  shift.resize(g_count);
   for (int64_t g = 0; g < g_count; ++g) {
     float* sg = scores.data() + g * n;
     V16 top = V16::Set1(-INFINITY);
     for (int64_t i = 0; i < n; i += 16) top = V16::Max(top, V16::Load(n - i, sg + i, -INFINITY));
     const V16 m = V16::Set1(top.ReduceMax());
-    V16 sum = V16::Zero();
+    V16 sum = V16::Zero(), zeros = V16::Zero();
     for (int64_t i = 0; i < n; i += 16) {
-      const V16 e = ExpNonPositive(V16::Load(n - i, sg + i) - m);
+      V16 e = ExpNonPositive(V16::Load(n - i, sg + i) - m).Keep(n - i);
+      sum = sum + e;
+      if (sz) {  // sum_t p_t (codes_t * scale_t + zero_t) = sum_t (p_t scale_t) codes_t + sum_t p_t zero_t
+        zeros = V16::Fma(e, V16::Load(n - i, value_zero.data() + i), zeros);
+        e = e * V16::Load(n - i, value_scale.data() + i);
+      }
       e.Store(n - i, sg + i);
-      sum = sum + e.Keep(n - i);
     }
     total[g] = sum.ReduceAdd();
+    shift[g] = zeros.ReduceAdd();
   }
   for (int64_t g0 = 0; g0 < g_count; g0 += kHeadsAtOnce) {
     const int64_t heads = std::min(kHeadsAtOnce, g_count - g0);
     const float* pg = scores.data() + g0 * n;
     float* o = og + g0 * d;
+    const float* t = total.data() + g0;
+    const float* add = sz ? shift.data() + g0 : nullptr;
     switch (heads) {
-      case 1: WeightedValues<1>(pg, v, rows, n, d, total.data() + g0, o); break;
-      case 2: WeightedValues<2>(pg, v, rows, n, d, total.data() + g0, o); break;
-      case 3: WeightedValues<3>(pg, v, rows, n, d, total.data() + g0, o); break;
-      default: WeightedValues<4>(pg, v, rows, n, d, total.data() + g0, o); break;
+      case 1: WeightedValues<1>(pg, v, rows, n, d, t, add, o); break;
+      case 2: WeightedValues<2>(pg, v, rows, n, d, t, add, o); break;
+      case 3: WeightedValues<3>(pg, v, rows, n, d, t, add, o); break;
+      default: WeightedValues<4>(pg, v, rows, n, d, t, add, o); break;
     }
   }
 }
 
-// Where each of a sequence's first `len` tokens' rows starts in a pool for KV head `kvh`,
-// page by page from its block table row (pages clamped into the pool, tokens to the table).
-inline void TokenOffsets(const Shapes& s, const int32_t* table, int32_t len, int64_t kvh,
+// Where each of a sequence's first `len` tokens' rows of `width` elements starts in a pool for KV
+// head `kvh`, page by page from its block table row (pages clamped into the pool, tokens to the
+// table).
+inline void TokenOffsets(const Shapes& s, const int32_t* table, int32_t len, int64_t kvh, int64_t width,
                          std::vector<int64_t>& offsets) {
   const int64_t covered = std::clamp<int64_t>(len, 0, s.pages_per_seq * s.page_size);
   offsets.resize(covered);
   for (int64_t p = 0, t = 0; t < covered; ++p) {
     const int64_t page = std::clamp<int64_t>(table[p], 0, s.num_pages - 1);
-    const int64_t base = (page * s.kv_heads + kvh) * s.page_size * s.head_dim;
-    for (int64_t o = 0; o < s.page_size && t < covered; ++o, ++t) offsets[t] = base + o * s.head_dim;
+    const int64_t base = (page * s.kv_heads + kvh) * s.page_size * width;
+    for (int64_t o = 0; o < s.page_size && t < covered; ++o, ++t) offsets[t] = base + o * width;
   }
 }
 

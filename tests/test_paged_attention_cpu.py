@@ -11,7 +11,7 @@ from jaxinfer.home import jaxinfer_home
 from pallas_kernels import cpu_native, dispatch
 from pallas_kernels.paged_attention_cpu import paged_attention_cpu
 from pallas_kernels.paged_attention import paged_attention, paged_attention_reference
-from pallas_kernels.paged_kv import PagedKV
+from pallas_kernels.paged_kv import PagedKV, quantize_kv
 
 pytestmark = pytest.mark.skipif(not cpu_native.runs_here("paged_attention"), reason="no build of the kernels for this CPU")
 
@@ -38,15 +38,21 @@ def shuffled_block_tables(rng, lens, page_size: int, num_pages: int) -> np.ndarr
 
 
 def make_case(rng, heads, kv_heads, head_dim, page_size, lens, num_pages=64, pages=jnp.float32, q_len=1):
-    """Scattered pages (a shuffled pool) of dtype ``pages``, block tables padded with the trash page
-    0; each sequence's last ``q_len`` positions queried (a decode step, or a prefill chunk)."""
+    """Scattered pages (a shuffled pool) of dtype ``pages`` (or ``"int8"``, ``"int4"``: quantized),
+    block tables padded with the trash page 0; each sequence's last ``q_len`` positions queried (a
+    decode step, or a prefill chunk)."""
     k = rng.standard_normal((num_pages, kv_heads, page_size, head_dim)).astype(np.float32)
     v = rng.standard_normal((num_pages, kv_heads, page_size, head_dim)).astype(np.float32)
     tables = shuffled_block_tables(rng, lens, page_size, num_pages)
     q = rng.standard_normal((len(lens), q_len, heads, head_dim)).astype(np.float32)
     lens = np.asarray(lens, np.int32)
     q_pos = np.maximum(lens[:, None] - q_len + np.arange(q_len), 0).astype(np.int32)
-    kv = PagedKV(jnp.asarray(k, pages), jnp.asarray(v, pages))
+    if pages in ("int8", "int4"):
+        bits = int(pages[3:])
+        (k, k_sz), (v, v_sz) = quantize_kv(jnp.asarray(k), bits), quantize_kv(jnp.asarray(v), bits)
+        kv = PagedKV(k, v, k_sz, v_sz, bits=bits)
+    else:
+        kv = PagedKV(jnp.asarray(k, pages), jnp.asarray(v, pages))
     return jnp.asarray(q), kv, jnp.asarray(tables), jnp.asarray(lens), jnp.asarray(q_pos)
 
 
@@ -61,7 +67,7 @@ CASES = [
 
 
 @pytest.mark.parametrize("q_len", [1, 7, 40])  # decode; prefill chunks within and across row blocks
-@pytest.mark.parametrize("pages", [jnp.float32, jnp.bfloat16])
+@pytest.mark.parametrize("pages", [jnp.float32, jnp.bfloat16, "int8", "int4"])
 @pytest.mark.parametrize("heads,kv_heads,head_dim,page_size,lens,window", CASES)
 def test_kernel_matches_reference(heads, kv_heads, head_dim, page_size, lens, window, pages, q_len):
     args = make_case(np.random.default_rng(len(lens) + head_dim), heads, kv_heads, head_dim, page_size, lens,
@@ -69,43 +75,93 @@ def test_kernel_matches_reference(heads, kv_heads, head_dim, page_size, lens, wi
     got = np.asarray(jax.jit(lambda *a: paged_attention_cpu(*a, scale=0.125, sliding_window=window))(*args))
     want = np.asarray(paged_attention_reference(*args, scale=0.125, sliding_window=window))
     assert np.isfinite(got).all()
-    np.testing.assert_allclose(got, want, rtol=1e-5, atol=2e-6)
+    # Quantized keys' scores are scale * (q . codes) + zero * sum(q): float32 terms that cancel
+    # where the reference sums dequantized values, a few ulps of those terms apart (and far below
+    # the quantization error itself).
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 if isinstance(pages, str) else 2e-6)
     assert not got[np.asarray(args[3]) == 0].any()  # padding rows give zeros
 
 
-def test_a_sequence_alone_gives_its_rows_in_a_batch():
-    q, kv, tables, lens, q_pos = make_case(np.random.default_rng(3), 9, 3, 64, 64, [70, 5, 190, 64])
+@pytest.mark.parametrize("pages", [jnp.float32, "int8", "int4"])
+def test_a_sequence_alone_gives_its_rows_in_a_batch(pages):
+    q, kv, tables, lens, q_pos = make_case(np.random.default_rng(3), 9, 3, 64, 64, [70, 5, 190, 64], pages=pages)
     full = np.asarray(paged_attention_cpu(q, kv, tables, lens, q_pos, scale=0.125))
     for i in range(4):
         alone = paged_attention_cpu(q[i:i + 1], kv, tables[i:i + 1], lens[i:i + 1], q_pos[i:i + 1], scale=0.125)
         assert np.array_equal(np.asarray(alone), full[i:i + 1])
 
 
-def test_dispatch_point_runs_the_kernel_for_float_pages_only():
+def test_quantized_pages_need_their_scales():
+    q, kv, tables, lens, q_pos = make_case(np.random.default_rng(5), 8, 2, 16, 16, [9, 30], pages="int8")
+    with pytest.raises(ValueError, match="int8 or int4 pages"):
+        paged_attention_cpu(q, PagedKV(kv.k, kv.v, bits=8), tables, lens, q_pos, scale=0.25)
+
+
+def test_dispatch_point_runs_the_kernel_where_it_applies():
     rng = np.random.default_rng(4)
 
-    def lowered(q_len, bits=0, pages=jnp.float32):
+    def lowered(q_len, pages=jnp.float32):
         q, kv, tables, lens, q_pos = make_case(rng, 8, 2, 16, 16, [9, 30], pages=pages)
         if q_len > 1:
             q = jnp.repeat(q, q_len, axis=1)
             q_pos = jnp.stack([lens - q_len + i for i in range(q_len)], axis=1)
-        if bits:
-            codes = jnp.zeros(kv.k.shape, jnp.uint8)
-            sz = jnp.ones((*kv.k.shape[:3], 2), jnp.float32)
-            kv = PagedKV(codes, codes, bits=8, k_scale_zero=sz, v_scale_zero=sz)
         args = (q, kv, tables, lens, q_pos)
         return jax.jit(lambda *a: paged_attention(*a, scale=0.25)).lower(*args).as_text()
 
-    assert cpu_native.PAGED_ATTENTION in lowered(1)
-    assert cpu_native.PAGED_ATTENTION in lowered(1, pages=jnp.bfloat16)
-    assert cpu_native.PAGED_ATTENTION not in lowered(1, pages=jnp.float16)  # other dtypes: the reference
-    assert cpu_native.PAGED_ATTENTION in lowered(4)  # prefill chunks too
-    assert cpu_native.PAGED_ATTENTION not in lowered(1, bits=8)  # quantized pages: the reference
+    def target(text):  # which kernel the step calls, if any
+        return next((t for t in (cpu_native.PAGED_ATTENTION_QUANTIZED, cpu_native.PAGED_ATTENTION)
+                     if f"@{t}(" in text), None)
+
+    assert target(lowered(1)) == cpu_native.PAGED_ATTENTION
+    assert target(lowered(1, pages=jnp.bfloat16)) == cpu_native.PAGED_ATTENTION
+    assert target(lowered(1, pages=jnp.float16)) is None  # other dtypes: the reference
+    assert target(lowered(4)) == cpu_native.PAGED_ATTENTION  # prefill chunks too
+    assert target(lowered(1, pages="int8")) == cpu_native.PAGED_ATTENTION_QUANTIZED
+    assert target(lowered(4, pages="int4")) == cpu_native.PAGED_ATTENTION_QUANTIZED
     with dispatch.use_implementation("reference"):
-        assert cpu_native.PAGED_ATTENTION not in lowered(1)
+        assert target(lowered(1)) is None
     with cpu_native.turned_off("paged_attention"):
-        assert cpu_native.PAGED_ATTENTION not in lowered(1)
-    assert cpu_native.PAGED_ATTENTION in lowered(1)
+        assert target(lowered(1)) is None
+        assert target(lowered(1, pages="int8")) == cpu_native.PAGED_ATTENTION_QUANTIZED
+    with cpu_native.turned_off("paged_attention_quantized"):
+        assert target(lowered(1, pages="int8")) is None
+        assert target(lowered(1)) == cpu_native.PAGED_ATTENTION
     with pytest.raises(ValueError, match="unknown CPU kernels"):
         with cpu_native.turned_off("attention"):
             pass
+
+
+@pytest.mark.parametrize("quant_policy", [8, 4])
+def test_engine_on_quantized_pages_runs_the_kernel_as_the_reference(tmp_path, monkeypatch, quant_policy):
+    """An engine on int8/int4 pages gives the same greedy tokens through the kernel as through the
+    reference, prefill chunks included, with logprobs to float32 rounding."""
+    from converters.loader import load_model
+    from jaxinfer.llm import LLM
+    from jaxinfer.sampling_params import SamplingParams
+    from pallas_kernels import paged_attention_cpu as module
+    from tiny_models import build_tiny
+
+    build_tiny("llama", str(tmp_path))
+    loaded = load_model(str(tmp_path), np.float32, progress=False)
+    calls = [0]
+
+    def counted(*args, _f=module.paged_attention_cpu, **kwargs):
+        calls[0] += 1
+        return _f(*args, **kwargs)
+
+    monkeypatch.setattr(module, "paged_attention_cpu", counted)
+    prompts = [list(range(3, 40)), [5, 9, 11], list(range(60, 80))]
+    greedy = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True, logprobs=3)
+    results = []
+    for off in ((), ("paged_attention_quantized",)):
+        calls[0] = 0
+        with cpu_native.turned_off(*off):
+            llm = LLM(loaded, warmup=False, progress=False, max_batch_size=4, max_prefill_tokens=16,
+                      cache_block_seq_len=16, quant_policy=quant_policy)
+            outs = llm.generate(prompts, greedy)
+        results.append(([o.outputs[0].token_ids for o in outs],
+                        np.array([[e.logprob for e in o.outputs[0].logprobs] for o in outs]), calls[0]))
+    (tokens, logprobs, kernel_calls), (ref_tokens, ref_logprobs, ref_calls) = results
+    assert kernel_calls > 0 and ref_calls == 0
+    assert tokens == ref_tokens
+    np.testing.assert_allclose(logprobs, ref_logprobs, atol=1e-4)
