@@ -7,7 +7,8 @@ plus its input and output trees) under ``$JAXINFER_HOME/exported_steps``; a late
 deserializes it and compiles it, which the persistent cache answers. The key covers everything
 the program depends on: the source of ``jaxinfer`` and ``pallas_kernels``, the program's
 description (model config...), the shapes, dtypes and shardings of every argument, the kernel
-implementation in force, JAX, the backend and ``XLA_FLAGS``; any change gives a new file.
+implementation and the CPU kernels in force, JAX, the backend and ``XLA_FLAGS``; any change gives
+a new file.
 
 A function swapped in at run time (a test's or benchmark's patch of ``jaxinfer.model``) is not
 part of the key: code that patches must not warm up through this directory. Only the jnp
@@ -67,7 +68,9 @@ def step_key(args: Any, program: str) -> str:
     device = jax.devices()[0]
     parts = [
         program, str(treedef), *(f"{x.shape}{x.dtype}{getattr(x, 'sharding', '')}" for x in leaves),
-        source_digest(), dispatch.implementation(), jax.__version__, device.platform, device.device_kind,
+        # The CPU kernels in force: a kernel turned off (cpu_native.turned_off) is another program.
+        source_digest(), dispatch.implementation(), str(cpu_native.kernels()), jax.__version__, device.platform,
+        device.device_kind,
         device.client.platform_version, str(jax.device_count()), os.environ.get("XLA_FLAGS", ""),
         str(jax.config.jax_enable_x64), str(jax.config.jax_default_matmul_precision),
     ]

@@ -15,7 +15,7 @@ from jaxinfer.buckets import Buckets, StepRow
 from jaxinfer.exported_steps import _prune, can_export, step_key
 from jaxinfer.model_runner import ModelRunner
 from jaxinfer.sampling_params import SamplingParams
-from pallas_kernels import dispatch
+from pallas_kernels import cpu_native, dispatch
 
 GREEDY = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True)
 
@@ -75,7 +75,8 @@ def test_a_damaged_file_is_compiled_again(tiny, tmp_path):
                if name.endswith(".bin"))
 
 
-def test_key_covers_program_shapes_and_implementation():
+def test_key_covers_program_shapes_and_implementation(monkeypatch):
+    monkeypatch.setattr(cpu_native, "_kernels", cpu_native.CpuKernels(paged_attention=True))
     args = (np.zeros((2, 3), np.float32), {"a": np.zeros(4, np.int32)})
     key = step_key(args, "p")
     assert step_key(args, "p") == key
@@ -87,6 +88,8 @@ def test_key_covers_program_shapes_and_implementation():
     with dispatch.use_implementation("interpret"):
         assert step_key(args, "p") != key
         assert not can_export()  # Pallas kernels' custom calls are not exported
+    with cpu_native.turned_off("paged_attention"):  # the same arguments, another program
+        assert step_key(args, "p") != key
 
 
 def test_prune_keeps_the_most_recently_used(tmp_path):

@@ -138,30 +138,36 @@ def test_engine_on_quantized_pages_runs_the_kernel_as_the_reference(tmp_path, mo
     from converters.loader import load_model
     from jaxinfer.llm import LLM
     from jaxinfer.sampling_params import SamplingParams
-    from pallas_kernels import paged_attention_cpu as module
+    from pallas_kernels import paged_attention as paged_attention_module, paged_attention_cpu as module
     from tiny_models import build_tiny
 
     build_tiny("llama", str(tmp_path))
     loaded = load_model(str(tmp_path), np.float32, progress=False)
-    calls = [0]
+    calls = {"kernel": 0, "reference": 0}  # traced calls
 
-    def counted(*args, _f=module.paged_attention_cpu, **kwargs):
-        calls[0] += 1
-        return _f(*args, **kwargs)
+    def counting(name, f):
+        def counted(*args, **kwargs):
+            calls[name] += 1
+            return f(*args, **kwargs)
+        return counted
 
-    monkeypatch.setattr(module, "paged_attention_cpu", counted)
+    monkeypatch.setattr(module, "paged_attention_cpu", counting("kernel", module.paged_attention_cpu))
+    monkeypatch.setattr(paged_attention_module, "paged_attention_reference",
+                        counting("reference", paged_attention_module.paged_attention_reference))
     prompts = [list(range(3, 40)), [5, 9, 11], list(range(60, 80))]
     greedy = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True, logprobs=3)
     results = []
     for off in ((), ("paged_attention_quantized",)):
-        calls[0] = 0
+        calls.update(kernel=0, reference=0)
         with cpu_native.turned_off(*off):
             llm = LLM(loaded, warmup=False, progress=False, max_batch_size=4, max_prefill_tokens=16,
                       cache_block_seq_len=16, quant_policy=quant_policy)
             outs = llm.generate(prompts, greedy)
         results.append(([o.outputs[0].token_ids for o in outs],
-                        np.array([[e.logprob for e in o.outputs[0].logprobs] for o in outs]), calls[0]))
+                        np.array([[e.logprob for e in o.outputs[0].logprobs] for o in outs]), dict(calls)))
     (tokens, logprobs, kernel_calls), (ref_tokens, ref_logprobs, ref_calls) = results
-    assert kernel_calls > 0 and ref_calls == 0
+    # Both engines traced their steps (none loaded the other's from $JAXINFER_HOME/exported_steps).
+    assert kernel_calls["kernel"] > 0 and kernel_calls["reference"] == 0
+    assert ref_calls["kernel"] == 0 and ref_calls["reference"] > 0
     assert tokens == ref_tokens
     np.testing.assert_allclose(logprobs, ref_logprobs, atol=1e-4)
