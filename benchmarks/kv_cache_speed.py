@@ -28,12 +28,11 @@ engine shares with the first at batch 1 (quantized keys and values move the logi
 from __future__ import annotations
 
 import argparse
-import statistics
 
 from decode import prompt_ids
 from decode_layout import alternate
 from report import common_prefix, load_average, publish
-from weight_dtype import prefill_step
+from weight_dtype import prefill_medians
 
 # --pages choice -> (quant_policy, CPU kernels turned off)
 PAGES = {"auto": (0, ()), "int8": (8, ()), "int4": (4, ()), "int8-reference": (8, ("paged_attention_quantized",))}
@@ -95,13 +94,7 @@ def main() -> None:
                     "|---:|" + "---:|" * (2 * len(names) - 1)]
     long_prompt = prompt_ids(m.tokenizer, max(lengths))
     for n in lengths:
-        times: dict[str, list[float]] = {name: [] for name in engines}
-        for engine in engines.values():  # untimed: the first run of a shape pays one-time costs
-            prefill_step(engine, long_prompt[:n])
-        for _ in range(args.repeats):
-            for name, engine in engines.items():
-                times[name].append(prefill_step(engine, long_prompt[:n]))
-        ms = {k: statistics.median(v) * 1e3 for k, v in times.items()}
+        ms = prefill_medians(engines, long_prompt[:n], args.repeats)
         prefill_rows.append(f"| {n} | {' | '.join(f'{ms[k]:.1f}' for k in names)} | "
                             + " | ".join(f"{ms[k] / ms[base]:.2f}x" for k in names[1:]) + " |")
         print(prefill_rows[-1], flush=True)

@@ -46,6 +46,18 @@ def prefill_step(engine, prompt: list[int]) -> float:
     return elapsed
 
 
+def prefill_medians(engines: dict, prompt: list[int], repeats: int) -> dict[str, float]:
+    """Per engine, the median ms of ``repeats`` steps prefilling ``prompt``, the engines taking
+    turns, after one untimed run each (the first run of a shape pays one-time costs)."""
+    times: dict[str, list[float]] = {name: [] for name in engines}
+    for engine in engines.values():
+        prefill_step(engine, prompt)
+    for _ in range(repeats):
+        for name, engine in engines.items():
+            times[name].append(prefill_step(engine, prompt))
+    return {k: statistics.median(v) * 1e3 for k, v in times.items()}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--batches", default="1,4,8,16,32", help="decode batch sizes (default 1,4,8,16,32)")
@@ -111,13 +123,7 @@ def main() -> None:
                     f"{bf16_f32kv} / {bf16} |", "|---:|---:|---:|---:|---:|---:|---:|---:|"]
     long_prompt = prompt_ids(tokenizer, max_prefill)
     for n in lengths:
-        times: dict[str, list[float]] = {name: [] for name in engines}
-        for name, engine in engines.items():  # untimed: the first run of a shape pays one-time costs
-            prefill_step(engine, long_prompt[:n])
-        for _ in range(args.repeats):
-            for name, engine in engines.items():
-                times[name].append(prefill_step(engine, long_prompt[:n]))
-        ms = {k: statistics.median(v) * 1e3 for k, v in times.items()}
+        ms = prefill_medians(engines, long_prompt[:n], args.repeats)
         prefill_rows.append(f"| {n} | {' | '.join(f'{ms[k]:.1f}' for k in names)} | {ms[f32] / ms[bf16]:.2f}x | "
                             f"{ms[xla] / ms[bf16]:.2f}x | {ms[bf16_f32kv] / ms[bf16]:.2f}x |")
         print(prefill_rows[-1], flush=True)
