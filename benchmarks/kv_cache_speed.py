@@ -42,7 +42,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--dtype", choices=("bfloat16", "float32"), default="bfloat16", help="weight dtype")
     ap.add_argument("--pages", default="auto,int8,int8-reference",
-                    help=f"the engines' KV pages, comma-separated, from {', '.join(PAGES)} (default auto,int8,int8-reference)")
+                    help=f"the engines' KV pages, comma-separated, from {', '.join(PAGES)} "
+                    "(default auto,int8,int8-reference)")
     ap.add_argument("--batches", default="1,8,32", help="decode batch sizes (default 1,8,32)")
     ap.add_argument("--prefill-lengths", default="512", help="prompt lengths prefilled in one step")
     ap.add_argument("--prompt-tokens", type=int, default=256, help="prompt of the decode runs")

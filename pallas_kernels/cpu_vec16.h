@@ -114,7 +114,8 @@ struct V16 {
       p = part;
     }
     const __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
-    return {_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(b)), _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(b, 8)))};
+    return {_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(b)),
+            _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(b, 8)))};
   }
   // 16 int4 codes, two per byte (the even lane in the low nibble) from p's first (n + 1) / 2 bytes.
   static V16 LoadNibbles(int64_t n, const uint8_t* p) {

@@ -7,7 +7,9 @@
 // q_positions [B, L] -> out [B, L, H, D]. Quantized pools (jaxinfer_paged_attention_quantized)
 // hold uint8 codes [num_pages, KVH, page_size, D * bits / 8] beside float32 scale/zero pools
 // [num_pages, KVH, page_size, 2]; the codes are widened as they are read, and each key's scale
-// and zero applied to its score and weight (paged_attention_cpu.h). One work item per (sequence, KV head, 16 query rows):
+// and zero applied to its score and weight (paged_attention_cpu.h).
+//
+// One work item per (sequence, KV head, 16 query rows):
 // the G = H / KVH query heads of the group share each key and value read, and a chunk's rows
 // read the same keys while they are in cache. Each query row sees the keys at positions up to
 // its own (causal) and within the sliding window; softmax in two passes over them (scores, then
@@ -100,9 +102,10 @@ ffi::Error PagedAttentionQuantized(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q
                                    ffi::ResultBuffer<ffi::F32> out, float scale, int64_t window, int64_t bits) {
   const auto qd = q.dimensions(), kd = k.dimensions(), td = block_tables.dimensions(), pd = q_positions.dimensions();
   const auto szd = k_scale_zero.dimensions();
-  if ((bits != 8 && bits != 4) || !ShapesMatch(qd, kd, td, pd) || !SameDims(v.dimensions(), kd) || qd[3] % (8 / bits) != 0 ||
-      kd[3] != qd[3] * bits / 8 || szd.size() != 4 || !SameDims(v_scale_zero.dimensions(), szd) || szd[0] != kd[0] ||
-      szd[1] != kd[1] || szd[2] != kd[2] || szd[3] != 2)
+  if ((bits != 8 && bits != 4) || !ShapesMatch(qd, kd, td, pd) || !SameDims(v.dimensions(), kd) ||
+      qd[3] % (8 / bits) != 0 || kd[3] != qd[3] * bits / 8 || szd.size() != 4 ||
+      !SameDims(v_scale_zero.dimensions(), szd) || szd[0] != kd[0] || szd[1] != kd[1] || szd[2] != kd[2] ||
+      szd[3] != 2)
     return ffi::Error::InvalidArgument("jaxinfer_paged_attention_quantized: shapes do not match");
   const Shapes s{qd[2], kd[1], qd[2] / kd[1], qd[3], kd[2], td[1], kd[0]};
   const uint8_t *kc = k.typed_data(), *vc = v.typed_data();
