@@ -12,7 +12,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from jaxinfer.config import ModelConfig
 from jaxinfer.home import jaxinfer_home
+from jaxinfer.model import CPU_MATMULS, init_params, pack_cpu_weights
 from pallas_kernels import bf16_matmul, cpu_native, dispatch, f32_matmul
 
 
@@ -87,3 +89,24 @@ def test_mismatched_packed_weights_are_refused(k):
     x, packed = operands(k, 2, 64, 48)
     with pytest.raises(ValueError, match=r"do not hold a \[64, 20\] matrix"):
         k.matmul(x, packed, 20)
+
+
+@pytest.mark.parametrize("tied", [False, True], ids=["untied", "tied"])
+@pytest.mark.parametrize("name", list(CPU_MATMULS))
+def test_packing_replaces_every_linear_and_packs_a_tied_head(name, tied):
+    """The engine tests run a tied model through each kernel (``test_bf16_matmul.py``,
+    ``test_f32_matmul.py``); an untied LM head is one more linear, packed as the others."""
+    config = ModelConfig(architecture="llama", vocab_size=96, hidden_size=64, intermediate_size=128, num_layers=2,
+                         num_heads=4, num_kv_heads=2, head_dim=16, max_position_embeddings=64,
+                         tie_word_embeddings=tied)
+    dtype, _, _, prefix = CPU_MATMULS[name]
+    params = jax.tree.map(lambda w: w.astype(dtype), init_params(config))
+    packed = pack_cpu_weights(params, config, name)
+    paths = [jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_flatten_with_path(packed)[0]]
+    linears = [jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_flatten_with_path(params)[0]
+               if jax.tree_util.keystr(p).endswith("['kernel']")]
+    assert linears and not any(p.endswith("['kernel']") for p in paths)
+    assert sum(p.endswith(f"['{prefix}_kernel']") for p in paths) == len(linears)
+    assert any(p.startswith("['lm_head']") for p in paths) == (not tied)
+    assert (f"{prefix}_lm_head" in packed) == tied
+    assert "embed_tokens" in packed  # kept for the lookups

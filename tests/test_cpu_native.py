@@ -1,14 +1,16 @@
 """Building the CPU kernels (``pallas_kernels.cpu_native``): which build a CPU gets, and builds
 that are atomic and replace only their own level's earlier libraries. Compiling needs g++ but not
-the CPU the code is for, so every level builds here; on a CPU with AVX-512 the AVX2 build also
-runs the kernels' tests."""
+the CPU the code is for, so every level builds here (once per suite, in the directory engines load
+from); on a CPU with AVX-512 the AVX2 build also runs the kernels' tests."""
 
 import os
+import stat
 import subprocess
 import sys
 
 import pytest
 
+from jaxinfer.home import jaxinfer_home
 from pallas_kernels import cpu_native
 
 
@@ -24,15 +26,37 @@ def test_the_best_level_the_cpu_runs(flags, level):
 
 
 @pytest.mark.parametrize("level", cpu_native.LEVELS, ids=lambda level: level.name)
-def test_a_build_replaces_only_its_levels_earlier_builds(tmp_path, level):
-    stale = tmp_path / f"jaxinfer_cpu_{level.name}-0123456789abcdef.so"
+def test_every_level_compiles(level):
+    """Into the directory engines load from: the suite's engines (the best level) and the AVX2
+    run below then find their build instead of compiling it again."""
+    built = cpu_native.build(os.path.join(jaxinfer_home(), "native"), level)
+    assert os.path.getsize(built) > 0
+
+
+@pytest.mark.parametrize("level", cpu_native.LEVELS, ids=lambda level: level.name)
+def test_a_build_replaces_only_its_levels_earlier_builds(tmp_path, monkeypatch, level):
+    # A stand-in compiler that writes each output it is asked for and counts its runs: what is
+    # tested here is the files a build leaves, not the compiling (test_every_level_compiles).
+    runs = tmp_path / "runs"
+    compiler = tmp_path / "fake-c++"
+    compiler.write_text('#!/bin/sh\necho run >> "$RUNS"\nwhile [ "$1" != "-o" ]; do shift; done\necho built > "$2"\n')
+    compiler.chmod(compiler.stat().st_mode | stat.S_IEXEC)
+    monkeypatch.setenv("CXX", str(compiler))
+    monkeypatch.setenv("RUNS", str(runs))
+    build_dir = tmp_path / "native"
+    build_dir.mkdir()
+    stale = build_dir / f"jaxinfer_cpu_{level.name}-0123456789abcdef.so"
     other = next(o for o in cpu_native.LEVELS if o != level)
-    others = tmp_path / f"jaxinfer_cpu_{other.name}-0123456789abcdef.so"
+    others = build_dir / f"jaxinfer_cpu_{other.name}-0123456789abcdef.so"
     for path in (stale, others):
         path.write_bytes(b"an earlier source's library")
-    built = cpu_native.build(str(tmp_path), level)
-    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([built.rsplit("/", 1)[-1], others.name])
-    assert cpu_native.build(str(tmp_path), level) == built  # found, not rebuilt
+    built = cpu_native.build(str(build_dir), level)
+    assert sorted(p.name for p in build_dir.iterdir()) == sorted([built.rsplit("/", 1)[-1], others.name])
+    assert open(built).read() == "built\n"
+    compiles = len(runs.read_text().splitlines())
+    assert compiles == len(level.sources) + 1  # each source, then the link
+    assert cpu_native.build(str(build_dir), level) == built  # found, not rebuilt
+    assert len(runs.read_text().splitlines()) == compiles
 
 
 def test_failed_build_names_the_command_and_leaves_no_file(tmp_path, monkeypatch):
