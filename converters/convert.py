@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import fcntl
 import importlib.util
 import os
 
@@ -59,6 +60,13 @@ def embedded_model_gguf() -> str:
 def embedded_model_path(progress: bool = True) -> str:
     """The embedded default model, converted once into ``$JAXINFER_HOME/models``."""
     out = os.path.join(jaxinfer_home(), "models", EMBEDDED_MODEL_NAME)
-    if not is_converted_dir(out):
-        convert(embedded_model_gguf(), out, overwrite=True, progress=progress)
+    if is_converted_dir(out):
+        return out
+    os.makedirs(os.path.dirname(out), exist_ok=True)
+    # Processes starting at once on a new home (two `jaxinfer chat`s, parallel test workers) convert
+    # once: the others wait, and none replaces the directory another is already reading.
+    with open(out + ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not is_converted_dir(out):
+            convert(embedded_model_gguf(), out, overwrite=True, progress=progress)
     return out

@@ -156,3 +156,32 @@ def test_converted_dir_keeps_the_tokenizer_and_chat_template(tmp_path, smollm2_t
     assert m.tokenizer is not None and m.tokenizer.has_chat_template
     ids = m.tokenizer.apply_chat_template([{"role": "user", "content": "hi"}])
     assert m.tokenizer.decode(ids, skip_special_tokens=False).endswith("<|im_start|>assistant\n")
+
+
+def test_concurrent_first_starts_convert_the_embedded_model_once(tmp_path, monkeypatch):
+    """Starts that find no converted model at once (parallel test workers, two chats on a new
+    home) convert it once; none replaces the directory another already reads."""
+    import threading
+    import time
+
+    monkeypatch.setenv("JAXINFER_HOME", str(tmp_path))
+    monkeypatch.setattr(convert_module, "embedded_model_gguf", lambda: "embedded.gguf")
+    calls = []
+
+    def slow_convert(src, out, overwrite=False, progress=True):
+        calls.append(out)
+        time.sleep(0.3)  # the other start looks meanwhile
+        os.makedirs(out, exist_ok=True)
+        with open(os.path.join(out, checkpoint.CONFIG_FILE), "w") as f:
+            f.write("{}")
+
+    monkeypatch.setattr(convert_module, "convert", slow_convert)
+    paths = []
+    starts = [threading.Thread(target=lambda: paths.append(convert_module.embedded_model_path(progress=False)))
+              for _ in range(3)]
+    for t in starts:
+        t.start()
+    for t in starts:
+        t.join()
+    assert len(calls) == 1
+    assert paths == [calls[0]] * 3 and checkpoint.is_converted_dir(calls[0])
