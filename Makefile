@@ -31,9 +31,12 @@ chat: $(VENV)/.runtime
 serve: $(VENV)/.runtime
 	$(VENV)/bin/jaxinfer serve $(ARGS)
 
-## test: set up and run the test suite (ARGS="..." for pytest flags)
+## test: set up and run the test suite on TEST_WORKERS processes, one test file each at a time (ARGS="..." for pytest flags)
+# Two thirds of the suite is XLA compiling small programs, one at a time per process: a second
+# process keeps the second core busy (docs/ARCHITECTURE.md, "The test suite's time").
+TEST_WORKERS ?= 2
 test: $(VENV)/.dev
-	$(VENV)/bin/python -m pytest $(ARGS)
+	$(VENV)/bin/python -m pytest -n $(TEST_WORKERS) --dist loadfile $(ARGS)
 
 $(VENV)/.bench: pyproject.toml | $(VENV)/bin/python
 	$(PIP) install -q -e '.[dev,bench]' $(QUIET)
