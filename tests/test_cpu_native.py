@@ -30,7 +30,8 @@ def test_every_level_compiles(level):
     """Into the directory engines load from: the suite's engines (the best level) and the AVX2
     run below then find their build instead of compiling it again."""
     built = cpu_native.build(os.path.join(jaxinfer_home(), "native"), level)
-    assert os.path.getsize(built) > 0
+    with open(built, "rb") as f:
+        assert f.read(4) == b"\x7fELF"  # a shared library, whether or not this CPU can run it
 
 
 @pytest.mark.parametrize("level", cpu_native.LEVELS, ids=lambda level: level.name)
