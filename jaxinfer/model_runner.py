@@ -1,11 +1,15 @@
 """Runs padded steps of the model on device: owns the params, the page pools and the jitted step.
 
-The step is one pure function ``(params, cache, inputs) -> (next tokens, cache)``: embed, all
-layers over the paged cache, logits of each row's last token, sampling. Prefill steps also
-return the logprobs of the prompt tokens their positions predict, computed only when a row asks.
-The cache is donated, so XLA updates the page pools in place. Warm-up compiles it for every shape
-bucket, from the traced programs an earlier start saved when it can (``jaxinfer.exported_steps``);
-a shape not warmed up is traced and compiled by ``jax.jit`` when first run.
+The step is one pure function ``(params, cache, inputs) -> (logits, cache)``: embed, all layers
+over the paged cache, logits of each row's last token. Prefill steps also return the logprobs of
+the prompt tokens their positions predict, computed only when a row asks. The cache is donated,
+so XLA updates the page pools in place. Sampling (``jaxinfer.sampler.sample``) is a second
+program the step's logits go to on device: its compile depends only on the batch size, and
+compiled into every shape bucket's step it was most of the step's compile (SmolLM2-135M, 1.26 of
+1.42 s at batch 1; exploratory). Warm-up compiles the step for every shape bucket and the sampler
+for every batch size, from the traced programs an earlier start saved when it can
+(``jaxinfer.exported_steps``); a shape not warmed up is traced and compiled by ``jax.jit`` when
+first run.
 """
 
 from __future__ import annotations
@@ -98,10 +102,10 @@ def _score_prompt(model: LlamaModel, params, hidden, targets) -> PromptLogprobs:
 
 
 def _model_step(model: LlamaModel, param_def, param_leaves, cache: KVCache, rope_table, tokens, meta: AttentionMetadata,
-                logits_indices, sampling, prompt_targets):
-    """tokens ``[batch, q_len]`` -> sampled next tokens (and logprobs) of each row, the prompt
-    logprobs of ``prompt_targets`` when ``q_len > 1`` (else None: decode steps compute none),
-    updated cache.
+                logits_indices, prompt_targets):
+    """tokens ``[batch, q_len]`` -> logits ``[batch, vocab]`` of each row's token at
+    ``logits_indices``, the prompt logprobs of ``prompt_targets`` when ``q_len > 1`` (else None:
+    decode steps compute none), updated cache.
     The params come as the leaves of the tree ``param_def`` describes: a call flattens a tuple
     faster than nested dicts (SmolLM2 on the Zen 4, exploratory: 0.27-0.31 ms less host CPU per
     batch-1 step, ~13%; the steps themselves 1.00-1.03x, within noise)."""
@@ -110,7 +114,12 @@ def _model_step(model: LlamaModel, param_def, param_leaves, cache: KVCache, rope
     last = jnp.take_along_axis(hidden, logits_indices[:, None, None], axis=1)[:, 0]  # [batch, embed]
     logits = model.apply({"params": params}, last, method=LlamaModel.logits)
     prompt = _score_prompt(model, params, hidden, prompt_targets) if tokens.shape[1] > 1 else None
-    return sample(logits, sampling), prompt, cache
+    return logits, prompt, cache
+
+
+# One jitted function for every runner of the process, so that engines with the same vocabulary
+# and batch sizes (a test session's) share its compiled programs.
+_sample = jax.jit(sample)
 
 
 class ModelRunner:
@@ -169,6 +178,7 @@ class ModelRunner:
                          f"matmul_kernel={self.matmul_kernel}, {self.kernels}, params {self._param_def}")
         self._exported_steps = exported_steps
         self._warm_steps: dict[tuple[int, int], jax.stages.Compiled] = {}  # bucket shape -> compiled by warm-up
+        self._warm_samplers: dict[int, jax.stages.Compiled] = {}  # batch size -> compiled by warm-up
         self._no_history: dict[int, jax.Array] = {}  # per batch size: the all-padding history
         self._no_mask: dict[int, jax.Array] = {}  # per batch size: a token mask allowing every token
         self._feed = jax.jit(_feed_tokens)
@@ -198,11 +208,13 @@ class ModelRunner:
         return PendingStep(*self._run(shape, a), len(rows))
 
     def _run(self, shape: tuple[int, int], a: StepArrays) -> tuple[SampleOutput, PromptLogprobs | None]:
-        out, prompt, self.cache = self._warm_steps.get(shape, self._step)(self._param_leaves, self.cache,
-                                                                          self.rope_table, *self._device_inputs(a))
-        return out, prompt
+        inputs, sampling = self._device_inputs(a)
+        logits, prompt, self.cache = self._warm_steps.get(shape, self._step)(self._param_leaves, self.cache,
+                                                                             self.rope_table, *inputs)
+        return self._warm_samplers.get(shape[0], _sample)(logits, sampling), prompt
 
-    def _device_inputs(self, a: StepArrays):
+    def _device_inputs(self, a: StepArrays) -> tuple[tuple, SamplingTensors]:
+        """The step's inputs after the params, cache and rope table; the sampler's tensors."""
         meta = AttentionMetadata(
             positions=a.positions, slot_mapping=a.slot_mapping, block_tables=a.block_tables, seq_lens=a.seq_lens
         )
@@ -217,19 +229,24 @@ class ModelRunner:
                 self._no_mask[batch] = jnp.full((batch, self.buckets.mask_words), -1, jnp.int32)
             token_mask = self._no_mask[batch]
         sampling = SamplingTensors(history=history, token_mask=token_mask, **a.sampling)
-        return a.tokens, meta, a.logits_indices, sampling, a.prompt_targets
+        return (a.tokens, meta, a.logits_indices, a.prompt_targets), sampling
 
     def warmup(self, progress: bool = True) -> None:
-        """Compile every bucket shape (and each decode bucket's token feed) ahead of time, running
-        none. This thread lowers each step (traces it, or loads the program an earlier start saved)
-        while a pool compiles those lowered before: XLA compiles without the GIL, so compiles
-        overlap each other and the tracing. A compiled step refuses arguments of other shapes or
-        types instead of compiling again."""
+        """Compile every bucket shape, the sampler for each of their batch sizes and each decode
+        bucket's token feed ahead of time, running none. This thread lowers each program (traces
+        it, or loads the program an earlier start saved) while a pool compiles those lowered
+        before: XLA compiles without the GIL, so compiles overlap each other and the tracing. A
+        compiled program refuses arguments of other shapes or types instead of compiling again."""
         shapes = self.buckets.all_shapes()
+        batches = sorted({batch for batch, _ in shapes})
         device = jax.devices()[0]
         with (ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool,
-              tqdm(total=len(shapes), desc="compiling shape buckets", unit="shape", disable=not progress) as bar):
-            compiling = {}
+              tqdm(total=len(shapes) + len(batches), desc="compiling shape buckets", unit="program",
+                   disable=not progress) as bar):
+            compiling, samplers = {}, {}
+            for batch in batches:
+                samplers[batch] = pool.submit(self._lower_sampler(batch).compile)
+                samplers[batch].add_done_callback(lambda _: bar.update())
             for shape in shapes:
                 compiling[shape] = pool.submit(self._lower(shape).compile)
                 compiling[shape].add_done_callback(lambda _: bar.update())
@@ -240,11 +257,22 @@ class ModelRunner:
                 feeds[batch] = pool.submit(lowered.compile)
             for shape, compiled in compiling.items():
                 self._warm_steps[shape] = compiled.result()
+            self._warm_samplers = {batch: compiled.result() for batch, compiled in samplers.items()}
             self._warm_feeds = {batch: compiled.result() for batch, compiled in feeds.items()}
         release_freed_memory()  # what tracing and compiling used
 
     def _lower(self, shape: tuple[int, int]) -> jax.stages.Lowered:
-        args = (self._param_leaves, self.cache, self.rope_table, *self._device_inputs(self.buckets.pad([], shape)))
+        inputs, _ = self._device_inputs(self.buckets.pad([], shape))
+        args = (self._param_leaves, self.cache, self.rope_table, *inputs)
         if self._exported_steps is not None and can_export():
             return lower_saved(self._step_fn, args, self._program, (1,), self._exported_steps)
         return self._step.lower(*args)
+
+    def _lower_sampler(self, batch: int) -> jax.stages.Lowered:
+        # The logits as a step leaves them: float32, committed to the device.
+        logits = jax.ShapeDtypeStruct((batch, self.config.vocab_size), jnp.float32,
+                                      sharding=jax.sharding.SingleDeviceSharding(jax.devices()[0]))
+        _, sampling = self._device_inputs(self.buckets.pad([], (batch, 1)))
+        if self._exported_steps is not None and can_export():
+            return lower_saved(sample, (logits, sampling), "sampler", (), self._exported_steps)
+        return _sample.lower(logits, sampling)

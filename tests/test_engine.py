@@ -65,12 +65,16 @@ def test_warmup_compiles_every_bucket_without_running_it(tiny):
     runner.warmup(progress=False)
     assert sorted(runner._warm_steps) == sorted(engine.buckets.all_shapes())
     assert sorted(runner._warm_feeds) == list(engine.buckets.decode_batch_sizes)
+    assert sorted(runner._warm_samplers) == sorted({batch for batch, _ in engine.buckets.all_shapes()})
     assert compilation_count() > before
     assert jax.tree.leaves(runner.cache)[0] is pools[0] and not any(a.is_deleted() for a in pools)  # nothing ran
     decode = engine.buckets.decode_shape(1)
-    wrong = jax.tree.map(np.asarray, runner._device_inputs(engine.buckets.pad([], engine.buckets.decode_shape(2))))
+    two = engine.buckets.pad([], engine.buckets.decode_shape(2))
+    wrong, sampling = jax.tree.map(np.asarray, runner._device_inputs(two))
     with pytest.raises(TypeError):  # a compiled step refuses other shapes rather than compiling them
         runner._warm_steps[decode](runner._param_leaves, runner.cache, runner.rope_table, *wrong)
+    with pytest.raises(TypeError):
+        runner._warm_samplers[1](np.zeros((2, engine.buckets.vocab_size), np.float32), sampling)
 
 
 def test_cache_buffers_are_donated(llm):

@@ -52,12 +52,14 @@ def greedy_decode(r, prompt, steps):
 def test_second_runner_loads_the_steps_without_tracing(tiny, tmp_path, monkeypatch):
     first = runner(tiny, tmp_path)
     saved = sorted(os.listdir(tmp_path))
-    assert len(saved) == len(first.buckets.all_shapes())
+    shapes = first.buckets.all_shapes()
+    assert len(saved) == len(shapes) + len({batch for batch, _ in shapes})  # the steps and the samplers
     traced = []
-    step = model_runner._model_step
-    monkeypatch.setattr(model_runner, "_model_step", lambda *a: traced.append(1) or step(*a))
+    step, sample = model_runner._model_step, model_runner.sample
+    monkeypatch.setattr(model_runner, "_model_step", lambda *a: traced.append("step") or step(*a))
+    monkeypatch.setattr(model_runner, "sample", lambda *a: traced.append("sampler") or sample(*a))
     second = runner(tiny, tmp_path)
-    assert not traced  # every bucket's step came from disk
+    assert not traced  # every bucket's step and every batch size's sampler came from disk
     assert sorted(os.listdir(tmp_path)) == saved
     assert greedy_decode(second, [3, 4, 5, 6, 7], 6) == greedy_decode(first, [3, 4, 5, 6, 7], 6)
     old = second.cache
