@@ -117,8 +117,8 @@ def _model_step(model: LlamaModel, param_def, param_leaves, cache: KVCache, rope
     return logits, prompt, cache
 
 
-# One jitted function for every runner of the process, so that engines with the same vocabulary
-# and batch sizes (a test session's) share its compiled programs.
+# Every runner's sampler: it depends on the batch size and the sampling tensors' shapes only, so
+# runners of one process with the same vocabulary (a test session's) share its traced programs.
 _sample = jax.jit(sample)
 
 
