@@ -130,6 +130,11 @@ class Buckets:
         prefill = [(b, n) for b in self.prefill_batch_sizes for n in self.prefill_lengths if b * n <= budget]
         return [(b, 1) for b in self.decode_batch_sizes] + prefill
 
+    @property
+    def batch_sizes(self) -> list[int]:
+        """Every batch size of ``all_shapes``: what the sampler is compiled for."""
+        return sorted({batch for batch, _ in self.all_shapes()})
+
     def decode_shape(self, num_rows: int) -> tuple[int, int]:
         return _round_up(num_rows, self.decode_batch_sizes), 1
 

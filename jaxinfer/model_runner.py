@@ -238,7 +238,7 @@ class ModelRunner:
         before: XLA compiles without the GIL, so compiles overlap each other and the tracing. A
         compiled program refuses arguments of other shapes or types instead of compiling again."""
         shapes = self.buckets.all_shapes()
-        batches = sorted({batch for batch, _ in shapes})
+        batches = self.buckets.batch_sizes
         device = jax.devices()[0]
         with (ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool,
               tqdm(total=len(shapes) + len(batches), desc="compiling shape buckets", unit="program",
