@@ -241,7 +241,7 @@ class ModelRunner:
         batches = self.buckets.batch_sizes
         device = jax.devices()[0]
         with (ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool,
-              tqdm(total=len(shapes) + len(batches), desc="compiling shape buckets", unit="program",
+              tqdm(total=len(shapes) + len(batches), desc="compiling shape buckets and samplers", unit="program",
                    disable=not progress) as bar):
             compiling, samplers = {}, {}
             for batch in batches:
