@@ -32,13 +32,14 @@ template <int R, int C>
 struct Tile {
   __attribute__((target("avx512f,avx512bf16"))) static void Run(const uint32_t* xw, int64_t x_pairs, int64_t pairs,
                                                                const uint32_t* panel, int64_t block_stride, float* y,
-                                                               int64_t n, int last_cols) {
+                                                               int64_t n, int last_cols, jaxinfer::NextPanel* ahead) {
     __m512 acc[R][C];
     for (int r = 0; r < R; ++r)
       for (int c = 0; c < C; ++c) acc[r][c] = _mm512_setzero_ps();
     for (int64_t j = 0; j < pairs; ++j) {
       __m512i w[C];
       for (int c = 0; c < C; ++c) w[c] = _mm512_loadu_si512(panel + c * block_stride + j * kBlockCols);
+      if (ahead) ahead->Issue();
       for (int r = 0; r < R; ++r) {
         const __m512i xr = _mm512_set1_epi32(static_cast<int>(xw[r * x_pairs + j]));
         for (int c = 0; c < C; ++c) acc[r][c] = _mm512_dpbf16_ps(acc[r][c], (__m512bh)xr, (__m512bh)w[c]);
@@ -70,11 +71,12 @@ ffi::Error Matmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi
   const uint32_t* wp = reinterpret_cast<const uint32_t*>(packed.typed_data());
   float* yp = y->typed_data();
   const int64_t pairs = (k + 1) / 2, block_stride = x_pairs * kBlockCols;
-  jaxinfer::ForEachTile<TileBlocks>(pool, m, n, blocks, [=](int64_t r0, int rows, int64_t block0, int count,
-                                                             int last_cols) {
+  const jaxinfer::PackedBlocks w{reinterpret_cast<const char*>(wp), block_stride * 4, pairs * 64};
+  jaxinfer::ForEachTile<TileBlocks>(pool, m, n, blocks, w, [=](int64_t r0, int rows, int64_t block0, int count,
+                                                                int last_cols, jaxinfer::NextPanel* ahead) {
     jaxinfer::TileTable<Tile, TileBlocks>::For(rows, count)(xp + r0 * x_pairs, x_pairs, pairs,
                                                             wp + block0 * block_stride, block_stride,
-                                                            yp + r0 * n + block0 * kBlockCols, n, last_cols);
+                                                            yp + r0 * n + block0 * kBlockCols, n, last_cols, ahead);
   });
   return ffi::Error::Success();
 }

@@ -50,23 +50,15 @@ struct Projection {
 
   Projection(const float* x, const float* packed, float* y, int64_t m, int64_t k, int64_t n, int64_t threads)
       : x(x), packed(packed), y(y), k(k), n(n),
-        grid{m, n, (n + kBlockCols - 1) / kBlockCols, PanelBlocks((n + kBlockCols - 1) / kBlockCols, m, threads)} {}
-
-  // At decode's few rows an item streams its panel's blocks, and more blocks (streams) per item
-  // read faster; the widest panel whose items the threads share evenly (a [576, 576] projection:
-  // 12 items of 3 blocks instead of 9 of 4).
-  static int64_t PanelBlocks(int64_t blocks, int64_t m, int64_t threads) {
-    if (m > jaxinfer::kTileRows || threads < 2) return jaxinfer::kPanelBlocks;
-    for (int64_t panel = jaxinfer::kPanelBlocks; panel >= 2; --panel)
-      if ((blocks + panel - 1) / panel % threads == 0) return panel;
-    return jaxinfer::kPanelBlocks;
-  }
+        grid{m, n, (n + kBlockCols - 1) / kBlockCols,
+             TileGrid::EvenPanelBlocks((n + kBlockCols - 1) / kBlockCols, m, threads)} {}
 
   void Run(int64_t item) const {
     const int64_t stride = k * kBlockCols;
     grid.RunItem<F32TileBlocks>(item, [this, stride](int64_t r0, int rows, int64_t block0, int count, int last_cols) {
       jaxinfer::TileTable<F32Tile, F32TileBlocks>::For(rows, count)(x + r0 * k, k, packed + block0 * stride, stride,
-                                                                    y + r0 * n + block0 * kBlockCols, n, last_cols);
+                                                                    y + r0 * n + block0 * kBlockCols, n, last_cols,
+                                                                    nullptr);
     });
   }
 };
@@ -185,9 +177,12 @@ ffi::Error DecoderLayer(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buff
   const float* post = post_norm.typed_data();
   const int64_t pool_tokens = s.num_pages * s.page_size;
 
+  // Decode attends in runs of (sequence, KV head) pairs, a prefill chunk in blocks of its tokens.
   const int64_t row_blocks = (q_len + kRowsPerItem - 1) / kRowsPerItem;
+  const int64_t run = jaxinfer::DecodeRunLength(s, batch, threads), pairs = batch * kvh;
+  const int64_t attend_items = q_len == 1 ? (pairs + run - 1) / run : batch * kvh * row_blocks;
   const std::vector<int64_t> counts = {
-      tokens, qkv_proj.grid.items(), tokens, batch * kvh * row_blocks, o_proj.grid.items(), tokens,
+      tokens, qkv_proj.grid.items(), tokens, attend_items, o_proj.grid.items(), tokens,
       gate_proj.grid.items() + up_proj.grid.items(), tokens, down_proj.grid.items(), tokens};
   jaxinfer::RunPhases(pool, counts, [&](int phase, int64_t i) {
     switch (phase) {
@@ -209,7 +204,14 @@ ffi::Error DecoderLayer(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buff
         }
         break;
       }
-      case kAttend: {  // up to kRowsPerItem tokens of sequence b, KV head g, reading the same keys
+      case kAttend: {
+        if (q_len == 1) {
+          jaxinfer::AttendDecodeRun(s, qkv, qkv_n, static_cast<const float*>(kp), static_cast<const float*>(vp), d,
+                                    nullptr, nullptr, tables, lens, pos, scale, window, i * run,
+                                    std::min(pairs, (i + 1) * run), attn, q_dim);
+          break;
+        }
+        // up to kRowsPerItem tokens of sequence b, KV head g, reading the same keys
         const int64_t b = i / (kvh * row_blocks), g = i / row_blocks % kvh, r0 = i % row_blocks * kRowsPerItem;
         const int64_t r_end = std::min(q_len, r0 + kRowsPerItem);
         thread_local std::vector<int64_t> offsets;

@@ -33,10 +33,11 @@ ffi::Error Matmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi
   const float* wp = packed.typed_data();
   float* yp = y->typed_data();
   const int64_t block_stride = k * kBlockCols;
-  jaxinfer::ForEachTile<F32TileBlocks>(pool, m, n, blocks, [=](int64_t r0, int rows, int64_t block0, int count,
-                                                             int last_cols) {
+  const jaxinfer::PackedBlocks w{reinterpret_cast<const char*>(wp), block_stride * 4, k * 64};
+  jaxinfer::ForEachTile<F32TileBlocks>(pool, m, n, blocks, w, [=](int64_t r0, int rows, int64_t block0, int count,
+                                                                   int last_cols, jaxinfer::NextPanel* ahead) {
     jaxinfer::TileTable<F32Tile, F32TileBlocks>::For(rows, count)(xp + r0 * k, k, wp + block0 * block_stride, block_stride,
-                                                            yp + r0 * n + block0 * kBlockCols, n, last_cols);
+                                                            yp + r0 * n + block0 * kBlockCols, n, last_cols, ahead);
   });
   return ffi::Error::Success();
 }

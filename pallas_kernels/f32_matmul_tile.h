@@ -19,17 +19,18 @@ constexpr int F32TileBlocks(int rows) { return rows == 1 ? 4 : rows == 2 ? 2 : 1
 #endif
 
 // Rows [0, R) of x times column blocks [0, C) of `panel` into y; the last block may be partial
-// (`last_cols` of its 16 columns are real).
+// (`last_cols` of its 16 columns are real). ahead: the next item's panel to request (null: none).
 template <int R, int C>
 struct F32Tile {
   static void Run(const float* x, int64_t k, const float* panel, int64_t block_stride, float* y, int64_t n,
-                  int last_cols) {
+                  int last_cols, NextPanel* ahead) {
     V16 acc[R][C];
     for (int r = 0; r < R; ++r)
       for (int c = 0; c < C; ++c) acc[r][c] = V16::Zero();
     for (int64_t kk = 0; kk < k; ++kk) {
       V16 w[C];
       for (int c = 0; c < C; ++c) w[c] = V16::Load(panel + c * block_stride + kk * kBlockCols);
+      if (ahead) ahead->Issue();
       for (int r = 0; r < R; ++r) {
         const V16 xr = V16::Set1(x[r * k + kk]);
         for (int c = 0; c < C; ++c) acc[r][c] = V16::Fma(xr, w[c], acc[r][c]);

@@ -9,9 +9,10 @@
 // [num_pages, KVH, page_size, 2]; the codes are widened as they are read, and each key's scale
 // and zero applied to its score and weight (paged_attention_cpu.h).
 //
-// One work item per (sequence, KV head, 16 query rows):
-// the G = H / KVH query heads of the group share each key and value read, and a chunk's rows
-// read the same keys while they are in cache. Each query row sees the keys at positions up to
+// Work items: in a decode step, runs of (sequence, KV head) pairs, each pair requesting the next
+// one's rows while it computes; in a prefill chunk, (sequence, KV head, 16 query rows), whose rows
+// read the same keys while they are in cache. The G = H / KVH query heads of the group share each
+// key and value read. Each query row sees the keys at positions up to
 // its own (causal) and within the sliding window; softmax in two passes over them (scores, then
 // the weighted sum of values), so each row's result depends on nothing else in the batch.
 #include <algorithm>
@@ -28,10 +29,9 @@ namespace {
 
 using jaxinfer::AttendGroup;
 using jaxinfer::Nibbles;
-using jaxinfer::ScaleZero;
 using jaxinfer::Shapes;
 
-constexpr int64_t kRowsPerItem = 16;  // query rows of one sequence and KV head per work item
+constexpr int64_t kRowsPerItem = 16;  // query rows of one sequence and KV head per prefill work item
 
 // width: the elements of T a pool row holds; k_sz, v_sz: the scale/zero pools of quantized pages
 // (null for float ones).
@@ -39,23 +39,25 @@ template <typename T>
 void AttendAll(ffi::ThreadPool& pool, const Shapes& s, const float* q, const T* k, const T* v, int64_t width,
                const float* k_sz, const float* v_sz, const int32_t* tables, const int32_t* lens,
                const int32_t* positions, float scale, int64_t window, int64_t batch, int64_t q_len, float* out) {
-  const int64_t per_row = s.heads * s.head_dim, row_blocks = (q_len + kRowsPerItem - 1) / kRowsPerItem;
+  const int64_t per_row = s.heads * s.head_dim;
+  if (q_len == 1) {
+    const int64_t pairs = batch * s.kv_heads, run = jaxinfer::DecodeRunLength(s, batch, pool.num_threads());
+    jaxinfer::ParallelFor(pool, (pairs + run - 1) / run, [=, &s](int64_t item) {
+      jaxinfer::AttendDecodeRun(s, q, per_row, k, v, width, k_sz, v_sz, tables, lens, positions, scale, window,
+                                item * run, std::min(pairs, (item + 1) * run), out, per_row);
+    });
+    return;
+  }
+  const int64_t row_blocks = (q_len + kRowsPerItem - 1) / kRowsPerItem;
   jaxinfer::ParallelFor(pool, batch * s.kv_heads * row_blocks, [=, &s](int64_t item) {
     const int64_t b = item / (s.kv_heads * row_blocks), kvh = item / row_blocks % s.kv_heads;
     const int64_t r0 = item % row_blocks * kRowsPerItem;
-    // Where each token's row starts, page by page: computed once for the item's query rows.
-    thread_local std::vector<int64_t> offsets, sz_offsets;
-    const int32_t* table = tables + b * s.pages_per_seq;
-    jaxinfer::TokenOffsets(s, table, lens[b], kvh, width, offsets);
-    ScaleZero sz{k_sz, v_sz, nullptr};
-    if (k_sz) {
-      jaxinfer::TokenOffsets(s, table, lens[b], kvh, 2, sz_offsets);
-      sz.rows = sz_offsets.data();
-    }
+    thread_local jaxinfer::SequenceRows rows;
+    rows.Find(s, tables + b * s.pages_per_seq, lens[b], kvh, width, k_sz, v_sz);
     for (int64_t r = r0; r < std::min(q_len, r0 + kRowsPerItem); ++r) {
       const int64_t row = b * q_len + r;
-      AttendGroup(s, q + row * per_row, k, v, offsets.data(), lens[b], positions[row], kvh, scale, window,
-                  out + row * per_row, k_sz ? &sz : nullptr);
+      AttendGroup(s, q + row * per_row, k, v, rows.offsets.data(), lens[b], positions[row], kvh, scale, window,
+                  out + row * per_row, rows.scale_zero());
     }
   });
 }

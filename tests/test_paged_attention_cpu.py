@@ -63,6 +63,9 @@ CASES = [
     (4, 4, 80, 16, [17, 33, 5], None),  # head_dim off the vector width, no grouping
     (2, 1, 128, 32, [100], None),
     (8, 2, 16, 16, [40, 30, 3], 8),
+    # Enough sequences for decode's runs of several (sequence, KV head) pairs, each fetching the
+    # next one's rows: runs cross sequences, padding rows and a sequence of one token.
+    (4, 2, 32, 16, [0, 1, 5, 17, 33, 40, 2, 16, 31, 0, 9, 25, 12, 3, 48, 7], None),
 ]
 
 
@@ -84,9 +87,11 @@ def test_kernel_matches_reference(heads, kv_heads, head_dim, page_size, lens, wi
 
 @pytest.mark.parametrize("pages", [jnp.float32, "int8", "int4"])
 def test_a_sequence_alone_gives_its_rows_in_a_batch(pages):
-    q, kv, tables, lens, q_pos = make_case(np.random.default_rng(3), 9, 3, 64, 64, [70, 5, 190, 64], pages=pages)
+    # 16 sequences: a decode step's pairs are shared out in runs of several (one alone is one).
+    lens = [70, 5, 190, 64, 1, 0, 130, 33, 64, 65, 2, 100, 17, 0, 128, 9]
+    q, kv, tables, lens, q_pos = make_case(np.random.default_rng(3), 9, 3, 64, 64, lens, pages=pages)
     full = np.asarray(paged_attention_cpu(q, kv, tables, lens, q_pos, scale=0.125))
-    for i in range(4):
+    for i in (0, 1, 2, 3, 9, 15):
         alone = paged_attention_cpu(q[i:i + 1], kv, tables[i:i + 1], lens[i:i + 1], q_pos[i:i + 1], scale=0.125)
         assert np.array_equal(np.asarray(alone), full[i:i + 1])
 
