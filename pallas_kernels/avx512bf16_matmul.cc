@@ -28,18 +28,28 @@ constexpr int TileBlocks(int) { return 4; }
 
 // Rows [0, R) of xw (x as bfloat16 pairs, `x_pairs` per row) times column blocks [0, C) of
 // `panel` (`pairs` pair rows each) into y; the last block may be partial (`last_cols` real).
+// ahead: the next item's panel to request (null: none), in a loop of its own as in F32Tile.
 template <int R, int C>
 struct Tile {
-  __attribute__((target("avx512f,avx512bf16"))) static void Run(const uint32_t* xw, int64_t x_pairs, int64_t pairs,
-                                                               const uint32_t* panel, int64_t block_stride, float* y,
-                                                               int64_t n, int last_cols, jaxinfer::NextPanel* ahead) {
+  static void Run(const uint32_t* xw, int64_t x_pairs, int64_t pairs, const uint32_t* panel, int64_t block_stride,
+                  float* y, int64_t n, int last_cols, jaxinfer::NextPanel* ahead) {
+    if (ahead)
+      Sums<true>(xw, x_pairs, pairs, panel, block_stride, y, n, last_cols, ahead);
+    else
+      Sums<false>(xw, x_pairs, pairs, panel, block_stride, y, n, last_cols, nullptr);
+  }
+
+  template <bool kAhead>
+  __attribute__((target("avx512f,avx512bf16"))) static void Sums(const uint32_t* xw, int64_t x_pairs, int64_t pairs,
+                                                                const uint32_t* panel, int64_t block_stride, float* y,
+                                                                int64_t n, int last_cols, jaxinfer::NextPanel* ahead) {
     __m512 acc[R][C];
     for (int r = 0; r < R; ++r)
       for (int c = 0; c < C; ++c) acc[r][c] = _mm512_setzero_ps();
     for (int64_t j = 0; j < pairs; ++j) {
       __m512i w[C];
       for (int c = 0; c < C; ++c) w[c] = _mm512_loadu_si512(panel + c * block_stride + j * kBlockCols);
-      if (ahead) ahead->Issue();
+      if constexpr (kAhead) ahead->Issue();
       for (int r = 0; r < R; ++r) {
         const __m512i xr = _mm512_set1_epi32(static_cast<int>(xw[r * x_pairs + j]));
         for (int c = 0; c < C; ++c) acc[r][c] = _mm512_dpbf16_ps(acc[r][c], (__m512bh)xr, (__m512bh)w[c]);

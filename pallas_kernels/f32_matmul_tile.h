@@ -24,13 +24,24 @@ template <int R, int C>
 struct F32Tile {
   static void Run(const float* x, int64_t k, const float* panel, int64_t block_stride, float* y, int64_t n,
                   int last_cols, NextPanel* ahead) {
+    // Two loops, so that the one without read-ahead is the plain FMA loop it was before there was
+    // one (with a test inside it, a float32 prefill ran 4-14% slower, exploratory).
+    if (ahead)
+      Sums<true>(x, k, panel, block_stride, y, n, last_cols, ahead);
+    else
+      Sums<false>(x, k, panel, block_stride, y, n, last_cols, nullptr);
+  }
+
+  template <bool kAhead>
+  static void Sums(const float* x, int64_t k, const float* panel, int64_t block_stride, float* y, int64_t n,
+                   int last_cols, NextPanel* ahead) {
     V16 acc[R][C];
     for (int r = 0; r < R; ++r)
       for (int c = 0; c < C; ++c) acc[r][c] = V16::Zero();
     for (int64_t kk = 0; kk < k; ++kk) {
       V16 w[C];
       for (int c = 0; c < C; ++c) w[c] = V16::Load(panel + c * block_stride + kk * kBlockCols);
-      if (ahead) ahead->Issue();
+      if constexpr (kAhead) ahead->Issue();
       for (int r = 0; r < R; ++r) {
         const V16 xr = V16::Set1(x[r * k + kk]);
         for (int c = 0; c < C; ++c) acc[r][c] = V16::Fma(xr, w[c], acc[r][c]);
