@@ -312,8 +312,8 @@ inline void TokenOffsets(const Shapes& s, const int32_t* table, int32_t len, int
   }
 }
 
-// Where sequence b's rows for one KV head start in the pools (and in the scale/zero pools of
-// quantized pages).
+// Where one sequence's rows for one KV head start in the pools (and in the scale/zero pools of
+// quantized pages), found from its block table row (TokenOffsets).
 struct SequenceRows {
   std::vector<int64_t> offsets, sz_offsets;
   ScaleZero sz{};
