@@ -179,7 +179,7 @@ ffi::Error DecoderLayer(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buff
 
   // Decode attends in runs of (sequence, KV head) pairs, a prefill chunk in blocks of its tokens.
   const int64_t row_blocks = (q_len + kRowsPerItem - 1) / kRowsPerItem;
-  const int64_t run = jaxinfer::DecodeRunLength(s, batch, threads), pairs = batch * kvh;
+  const int64_t pairs = batch * kvh, run = jaxinfer::RunLength(pairs, threads);
   const int64_t attend_items = q_len == 1 ? (pairs + run - 1) / run : batch * kvh * row_blocks;
   const std::vector<int64_t> counts = {
       tokens, qkv_proj.grid.items(), tokens, attend_items, o_proj.grid.items(), tokens,

@@ -41,7 +41,7 @@ void AttendAll(ffi::ThreadPool& pool, const Shapes& s, const float* q, const T* 
                const int32_t* positions, float scale, int64_t window, int64_t batch, int64_t q_len, float* out) {
   const int64_t per_row = s.heads * s.head_dim;
   if (q_len == 1) {
-    const int64_t pairs = batch * s.kv_heads, run = jaxinfer::DecodeRunLength(s, batch, pool.num_threads());
+    const int64_t pairs = batch * s.kv_heads, run = jaxinfer::RunLength(pairs, pool.num_threads());
     jaxinfer::ParallelFor(pool, (pairs + run - 1) / run, [=, &s](int64_t item) {
       jaxinfer::AttendDecodeRun(s, q, per_row, k, v, width, k_sz, v_sz, tables, lens, positions, scale, window,
                                 item * run, std::min(pairs, (item + 1) * run), out, per_row);

@@ -330,17 +330,12 @@ struct SequenceRows {
   const ScaleZero* scale_zero() const { return sz.k ? &sz : nullptr; }
 };
 
-// A decode step's attention is shared out in runs of consecutive (sequence, KV head) pairs
-// (RunLength), so that each pair can request the next one's rows while it computes (NextRows).
-// In a batch-32 step over bfloat16 pages this kernel alone ran 1.25-1.41x faster than with one
-// pair per item and only the in-loop read-ahead, and 1.25x with each pair's rows requested all at
-// once at its start (exploratory, alternated in one process).
-inline int64_t DecodeRunLength(const Shapes& s, int64_t batch, int64_t threads) {
-  return RunLength(batch * s.kv_heads, threads);
-}
-
 // Decode attention (one query row per sequence) of pairs u0 .. u1 - 1, pair u being sequence
-// u / kv_heads and KV head u % kv_heads. Sequence b's query row is q + b * q_stride, its output
+// u / kv_heads and KV head u % kv_heads: a run of a step's (sequence, KV head) pairs (RunLength),
+// each pair requesting the next one's rows while it computes (NextRows). In a batch-32 step over
+// bfloat16 pages the kernel alone ran 1.25-1.41x faster than with one pair per item and only the
+// in-loop read-ahead, and 1.25x with each pair's rows requested all at once at its start
+// (exploratory, alternated in one process). Sequence b's query row is q + b * q_stride, its output
 // out + b * out_stride; width: the elements of T a pool row holds; k_sz, v_sz: the scale/zero
 // pools of quantized pages (null for float ones).
 template <typename T>
